@@ -1,0 +1,1 @@
+"""Default notice templates (package data): notice.txt and notice.html."""
