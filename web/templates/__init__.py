@@ -1,0 +1,1 @@
+"""HTML pages of the download service (read with importlib.resources)."""
