@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -621,11 +622,26 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode {mode!r})")
-        conn.execute("PRAGMA synchronous = FULL")
-        migrate(conn)
+        # Several worker processes open the same file at once; switching to
+        # WAL and migrating can meet a lock that SQLite reports at once
+        # instead of waiting on it, so retry until the busy timeout is spent.
+        deadline = time.monotonic() + busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    raise sqlite3.OperationalError(
+                        f"cannot switch to WAL (journal mode {mode!r})"
+                    )
+                conn.execute("PRAGMA synchronous = FULL")
+                migrate(conn)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
     except BaseException:
         conn.close()
         raise
