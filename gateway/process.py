@@ -1,0 +1,175 @@
+"""What happens to a message between DATA and the next hop: attachments out
+(for accounts with linking on), links in, then the DKIM signature.
+
+Order matters: blobs and link records are durable before the rewritten
+message exists; the signature covers exactly the bytes that leave. Heavy work
+(MIME scanning, rendering, signing) runs in an executor.
+
+Refusals chosen by policy are raised as ``gateway.handler.MessageRefused``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway import logs
+from gateway.config import PolicySettings
+from gateway.dkim import DuplicateHeaderError, Signer
+from gateway.handler import MessageRefused, Processed, TxInfo
+from gateway.mime.rewrite import (
+    Extraction,
+    LinkingRules,
+    LinkNotice,
+    MimeError,
+    MimeLimits,
+    Passthrough,
+    Templates,
+    plan,
+)
+from gateway.replies import R550_UNPARSABLE, policy_reply
+from storage.interfaces import BlobStore, LinkRecord, StateStore
+from web.links import LinkSigner, new_link_id
+
+log = logging.getLogger("attachgate.process")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkingContext:
+    blobs: BlobStore
+    state: StateStore
+    signer: LinkSigner
+    public_url: str
+    expire_after: float
+    limits: MimeLimits
+    templates: Templates
+
+
+class MessageProcessor:
+    """Implements ``gateway.handler.Processor``."""
+
+    def __init__(
+        self,
+        *,
+        policy: PolicySettings,
+        linking: LinkingContext | None,
+        dkim: Signer | None,
+        executor: Executor | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._policy = policy
+        self._linking = linking
+        self._dkim = dkim
+        self._executor = executor
+        self._clock = clock
+        self.counters: Counter[str] = Counter()
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def process(self, tx: TxInfo, content: bytes) -> Processed:
+        link_ids: list[str] = []
+        linked = 0
+        note = ""
+        account = tx.account
+        if self._linking is not None and account is not None and account.linking.enabled:
+            try:
+                content, link_ids, note = await self._link(tx, content)
+                linked = len(link_ids)
+            except MimeError as exc:
+                self.counters["rewrite-failed"] += 1
+                logs.event(
+                    log, "rewrite-failed", logging.WARNING, session=tx.session_id, error=str(exc)
+                )
+                if self._policy.on_rewrite_error == "refuse":
+                    raise MessageRefused(R550_UNPARSABLE, str(exc)) from exc
+        if self._dkim is not None:
+            try:
+                content = await self._run(self._dkim.sign, content)
+            except DuplicateHeaderError as exc:
+                await self.discard(Processed(content, link_ids))
+                reply = policy_reply(
+                    "duplicate_headers", self._policy.mode, self._policy.duplicate_headers
+                )
+                raise MessageRefused(reply, str(exc)) from exc
+            except BaseException:
+                await self.discard(Processed(content, link_ids))
+                raise
+        return Processed(content=content, link_ids=link_ids, linked=linked, note=note)
+
+    async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str], str]:
+        ctx = self._linking
+        account = tx.account
+        assert ctx is not None and account is not None
+        rules = LinkingRules(
+            min_size=account.linking.min_size,
+            allow_types=account.linking.allow_types,
+            deny_types=account.linking.deny_types,
+            nested=account.linking.nested,
+        )
+        found = await self._run(plan, content, rules, ctx.limits)
+        if isinstance(found, Passthrough):
+            self.counters[f"passthrough:{found.reason.split(':', 1)[0]}"] += 1
+            if found.reason.startswith(("unparsable", "limits")):
+                logs.event(log, "rewrite-skipped", session=tx.session_id, reason=found.reason)
+            return content, [], found.reason
+        assert isinstance(found, Extraction)
+        now = self._clock()
+        expires = now + ctx.expire_after
+        message_id = tx.session_id
+        records: list[LinkRecord] = []
+        notices: list[LinkNotice] = []
+        for att in found.attachments:
+            info = await ctx.blobs.put(att.data)
+            link_id = new_link_id()
+            records.append(
+                LinkRecord(
+                    link_id=link_id,
+                    blob_digest=info.digest,
+                    filename=att.filename or att.safe_filename,
+                    content_type=att.content_type,
+                    size=info.size,
+                    sender=account.address,
+                    message_id=message_id,
+                    created=now,
+                    expires=expires,
+                )
+            )
+            notices.append(
+                LinkNotice(
+                    filename=att.safe_filename,
+                    size=info.size,
+                    url=f"{ctx.public_url}/d/{ctx.signer.sign(link_id)}",
+                    expires=dt.datetime.fromtimestamp(expires, dt.UTC),
+                )
+            )
+        await ctx.state.add_links(records)
+        ids = [r.link_id for r in records]
+        try:
+            rendered = await self._run(found.render, notices, ctx.templates)
+        except BaseException:
+            await ctx.state.delete_links(ids)
+            raise
+        self.counters["linked-messages"] += 1
+        self.counters["linked-files"] += len(records)
+        logs.event(
+            log,
+            "linked",
+            session=tx.session_id,
+            account=account.address,
+            files=len(records),
+            bytes=sum(r.size for r in records),
+        )
+        return rendered, ids, "linked"
+
+    async def discard(self, processed: Processed) -> None:
+        if processed.link_ids and self._linking is not None:
+            await self._linking.state.delete_links(processed.link_ids)
