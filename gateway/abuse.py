@@ -19,6 +19,8 @@ Hijack limits
     the first freezer (across every worker) sends the one notification. With
     ``freeze = false`` every message is refused while a window is over its
     limit, and the administrator hears about it at most once per window.
+    The client IPs listed in the notification are the last few this process
+    saw for the account (kept in memory, not in the state store).
 
 Re-enabling
     The notification carries a signed single-use ticket (seven days; see

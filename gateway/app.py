@@ -28,6 +28,7 @@ from gateway.process import LinkingContext, MessageProcessor
 from gateway.server import ConnectionTable, bind_listeners, start_smtp
 from storage.interfaces import BlobStore, StateStore
 from storage.local import LocalBlobStore
+from storage.redis import RedisStateStore
 from storage.sqlite import SqliteStateStore
 from web.admin import add_admin_routes
 from web.app import WebOptions, build_app
@@ -72,10 +73,16 @@ class Stores:
 
 
 async def open_stores(settings: Settings) -> Stores:
-    settings.state.path.parent.mkdir(parents=True, exist_ok=True)
-    state = await SqliteStateStore.open(
-        settings.state.path, busy_timeout=settings.state.busy_timeout
-    )
+    st = settings.state
+    state: StateStore
+    if st.backend == "redis":
+        assert st.redis_url is not None
+        state = await RedisStateStore.open(
+            st.redis_url, prefix=st.redis_prefix, socket_timeout=st.busy_timeout
+        )
+    else:
+        st.path.parent.mkdir(parents=True, exist_ok=True)
+        state = await SqliteStateStore.open(st.path, busy_timeout=st.busy_timeout)
     blobs = LocalBlobStore(settings.storage.path)
     return Stores(state=state, blobs=blobs)
 

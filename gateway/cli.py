@@ -277,7 +277,11 @@ def cmd_bans(args: argparse.Namespace) -> int:
         if not args.ip:
             print("attachgate: an IP is needed", file=sys.stderr)
             return 2
-        done = await abuse.lift_ban(stores.state, args.ip)
+        try:
+            done = await abuse.lift_ban(stores.state, args.ip)
+        except ValueError:
+            print(f"attachgate: {args.ip!r} is not an IP address", file=sys.stderr)
+            return 2
         print(f"{args.ip}: {'ban lifted' if done else 'was not banned'}")
         return 0 if done else 1
 

@@ -215,10 +215,17 @@ class StorageSettings(_Section):
 
 
 class StateSettings(_Section):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "redis"] = "sqlite"
     path: Path = Path("/var/lib/attachgate/state.db")
     redis_url: str | None = None
+    redis_prefix: str = "attachgate:"
     busy_timeout: Duration = 5.0
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> StateSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("redis_url is required when backend is redis")
+        return self
 
 
 CaseMode = Literal["temporary", "permanent"]

@@ -119,6 +119,9 @@ class SessionInfo:
     tx: Transaction | None = None
     tx_info: TxInfo | None = None
     control: bool = False  # this transaction is for the control address
+    # A hijack limit crossed during this transaction: the message is refused
+    # at DATA too, even for the recipients accepted before the crossing.
+    crossed: Reply | None = None
     messages: int = 0
 
 
@@ -252,6 +255,7 @@ class Handler:
 
     async def _abort_tx(self, info: SessionInfo) -> None:
         tx, info.tx, info.tx_info, info.control = info.tx, None, None, False
+        info.crossed = None
         if tx is not None:
             try:
                 await tx.abort()
@@ -401,6 +405,7 @@ class Handler:
                 tx_info, tx_info.account, len(tx_info.recipients) + 1
             )
             if refusal is not None:
+                info.crossed = refusal
                 logs.event(
                     log,
                     "rcpt-refused",
@@ -436,6 +441,9 @@ class Handler:
             if b"\x00" in content:
                 reply_text = str(R550_NUL)
                 return reply_text
+            if info.crossed is not None:
+                reply_text = str(info.crossed)
+                return reply_text
             if info.control:
                 reply = await self.s.abuse.control_message(tx_info, content)
                 outcome = "control"
@@ -460,6 +468,7 @@ class Handler:
             info.tx = None
             info.tx_info = None
             info.control = False
+            info.crossed = None
             logs.event(
                 log,
                 "message",

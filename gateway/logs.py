@@ -41,9 +41,14 @@ class _UTCFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
 
 
+LINE_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+
+
 def setup(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(
+        _UTCFormatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -116,6 +116,14 @@ class Directory:
                 owners.setdefault(alias, []).append(acc)
         # An alias several accounts may use has no single owner to charge.
         self._alias_owner = {alias: accs[0] for alias, accs in owners.items() if len(accs) == 1}
+        # The administrators' addresses: they reply to notifications from the
+        # existing server even when they have no account here.
+        self._admins = frozenset(
+            a.lower() for a in (*settings.hijack.notify, *settings.screening.notify)
+        )
+
+    def is_admin(self, key: str) -> bool:
+        return key.lower() in self._admins
 
     def _build(self, key: str, acc: AccountSettings) -> Account:
         domain = key.rpartition("@")[2]

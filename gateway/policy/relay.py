@@ -87,6 +87,10 @@ def check_sender(
     if not directory.is_local_domain(sender.domain):
         return SenderOK(None)
     account = directory.account_for_sender(sender.key)
+    if account is None and directory.is_admin(sender.key):
+        if not directory.shield_allows(sender.domain, client.ip):
+            return _policy(policy, "ip_shield")
+        return SenderOK(None)
     if account is None:
         return _policy(policy, "unknown_account")
     if account.disabled:
