@@ -73,25 +73,13 @@ class RecordingSink:
         return "250 2.0.0 Stored"
 
 
-class HeloOptionalSMTP(SMTP):
-    """aiosmtpd answering MAIL without a preceding HELO, as Postfix does by
-    default (``smtpd_helo_required = no``). The next hop client only greets
-    when it needs STARTTLS or AUTH, and these tests use neither."""
-
-    async def smtp_MAIL(self, arg: str) -> None:
-        session: Any = self.session
-        if not session.host_name:
-            session.host_name = "unnamed"
-        await super().smtp_MAIL(arg)
-
-
 @contextlib.asynccontextmanager
 async def running_recorder() -> AsyncIterator[RecordingSink]:
     """A RecordingSink listening on a loopback port of the kernel's choice."""
     sink = RecordingSink()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: HeloOptionalSMTP(sink, hostname="sink.test", loop=loop), "127.0.0.1", 0
+        lambda: SMTP(sink, hostname="sink.test", loop=loop), "127.0.0.1", 0
     )
     sink.port = server.sockets[0].getsockname()[1]
     try:
