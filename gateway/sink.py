@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,9 +98,12 @@ class _SinkSMTP(SMTP):
 class CaptureSink:
     """Start with ``await sink.start()``; ``sink.port`` is the bound port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.host = host
         self._port = port
+        self._tls = tls
         self.messages: list[Captured] = []
         self.faults = Faults()
         self.arrived = asyncio.Event()
@@ -123,6 +127,7 @@ class CaptureSink:
                 hostname="sink.test",
                 ident="capture-sink",
                 data_size_limit=0,
+                tls_context=self._tls,
                 enable_SMTPUTF8=True,
                 decode_data=False,
                 loop=loop,

@@ -631,9 +631,7 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
             try:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
                 if mode is None or str(mode[0]).lower() != "wal":
-                    raise sqlite3.OperationalError(
-                        f"cannot switch to WAL (journal mode {mode!r})"
-                    )
+                    raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode {mode!r})")
                 conn.execute("PRAGMA synchronous = FULL")
                 migrate(conn)
                 break

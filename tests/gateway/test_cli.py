@@ -182,3 +182,44 @@ def test_demo_once() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "identical to the attachment: yes" in res.stdout
     assert "verifies: yes" in res.stdout
+
+
+def test_doctor_against_a_loopback_zone(tmp_path: Path) -> None:
+    from gateway.dkim import generate_key, write_private_key
+    from tests.helpers.dnsserver import ZoneServer
+
+    pem, record = generate_key("ed25519")
+    key = tmp_path / "s1.key"
+    write_private_key(key, pem)
+    good = [
+        ("example.test", "TXT", '"v=spf1 ip4:127.0.0.1 -all"'),
+        ("s1._domainkey.example.test", "TXT", record),
+        ("_dmarc.example.test", "TXT", '"v=DMARC1; p=reject"'),
+        ("1.0.0.127.in-addr.arpa", "PTR", "gw.example.test."),
+        ("gw.example.test", "A", "127.0.0.1"),
+    ]
+    with ZoneServer(good) as zone:
+        assert zone.address is not None
+        cfg = write(
+            tmp_path,
+            f"""
+[smtp]
+hostname = "gw.example.test"
+public_addresses = ["127.0.0.1"]
+[dns]
+nameservers = ["127.0.0.1"]
+port = {zone.address[1]}
+timeout = "2s"
+[domains."example.test"]
+dkim_selector = "s1"
+dkim_key_file = "{key}"
+""",
+        )
+        res = run("doctor", "--config", str(cfg))
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = run("doctor", "--json", "--config", str(cfg))
+        assert res.returncode == 0 and '"ok": true' in res.stdout
+        zone.set_records([r for r in good if not r[2].startswith('"v=spf1')])
+        res = run("doctor", "--config", str(cfg))
+        assert res.returncode == 1
+        assert "v=spf1" in res.stdout  # the record to publish

@@ -231,3 +231,15 @@ async def test_records_removed_when_next_hop_refuses(
     assert code == 250
     usage = await linking_gw.stores.state.recalc_usage(0)
     assert usage[ALICE] == 15  # the decoded bytes of the PDF
+
+
+async def test_duplicate_singleton_headers_refused_before_signing(
+    linking_gw: Gateway, sink: CaptureSink
+) -> None:
+    raw = (
+        f"From: <{ALICE}>\r\nTo: <x@remote.test>\r\nSubject: one\r\nSubject: two\r\n"
+        "Date: Tue, 24 Nov 2026 08:00:00 +0000\r\nMessage-ID: <d@example.test>\r\n\r\nbody\r\n"
+    ).encode()
+    code, text = await send(linking_gw.smtp_ports[0], raw)
+    assert (code, text[:5]) == (550, "5.7.1"), text
+    assert sink.messages == []

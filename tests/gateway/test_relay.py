@@ -513,3 +513,85 @@ async def test_internal_failure_fails_closed(make_gw: Factory, sink: CaptureSink
     assert await d.reader.read() == b""
     await d.close()
     assert sink.messages == []
+
+
+# --- TLS to the next hop -------------------------------------------------------
+
+
+@pytest.fixture
+async def tls_sink(tls_files: tuple[Path, Path]) -> AsyncIterator[CaptureSink]:
+    from gateway.server import server_tls_context
+
+    s = CaptureSink(tls=server_tls_context(*tls_files))
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.mark.parametrize(
+    ("next_hop", "delivered"),
+    [
+        # The sink's certificate is known: STARTTLS, verified.
+        ({"starttls": "required", "ca_file": "CA"}, True),
+        # Unknown certificate: never sent, never acknowledged.
+        ({"starttls": "required"}, False),
+        # Verification explicitly off by the administrator.
+        ({"starttls": "required", "verify_certificate": False}, True),
+        ({"starttls": "opportunistic", "ca_file": "CA"}, True),
+    ],
+)
+async def test_next_hop_starttls(
+    make_gw: Factory,
+    tls_sink: CaptureSink,
+    tls_files: tuple[Path, Path],
+    next_hop: dict[str, Any],
+    delivered: bool,
+) -> None:
+    hop = {k: (str(tls_files[0]) if v == "CA" else v) for k, v in next_hop.items()}
+    hop["port"] = tls_sink.port
+    gw = await make_gw(TRUST_LOCAL, {"next_hop": hop})
+    replies = await deliver(gw.smtp_ports[0])
+    if delivered:
+        assert replies[-1][0] == 250, replies
+        assert len(tls_sink.messages) == 1
+    else:
+        assert replies[-1][0] == 451 and replies[-1][1].startswith("4.4.1"), replies
+        assert tls_sink.messages == []
+
+
+async def test_next_hop_without_starttls_when_required(make_gw: Factory, sink: CaptureSink) -> None:
+    gw = await make_gw(TRUST_LOCAL, {"next_hop": {"starttls": "required"}})
+    replies = await deliver(gw.smtp_ports[0])
+    assert replies[-1][0] == 451, replies
+    assert sink.messages == []
+
+
+# --- failed-login screening ----------------------------------------------------------
+
+
+async def test_password_guesser_is_banned_by_ip(
+    make_gw: Factory, tls_files: tuple[Path, Path]
+) -> None:
+    gw = await make_gw({"screening": {"max_auth_failures": 3, "window": "15m", "ban_for": "1h"}})
+    port = gw.smtp_ports[0]
+    d = await Dialogue.open(port)
+    await d.reply()
+    await d.cmd("EHLO c", 250)
+    await d.starttls(client_tls(tls_files[0]))
+    await d.cmd("EHLO c", 250)
+    for _ in range(3):
+        assert (await d.auth_plain(ALICE, "wrong"))[0] == 535
+    await d.close()
+    # Banned: even the right password from this address is not heard.
+    d = await Dialogue.open(port)
+    code, text = await d.reply()
+    assert (code, text[:5]) == (421, "4.7.0")
+    await d.close()
+    # Another address is not affected.
+    d = await Dialogue.open(port, source="127.0.0.2")
+    assert (await d.reply())[0] == 220
+    await d.cmd("EHLO c", 250)
+    await d.starttls(client_tls(tls_files[0]))
+    await d.cmd("EHLO c", 250)
+    assert (await d.auth_plain(ALICE, PASSWORD))[0] == 235
+    await d.close()
