@@ -31,12 +31,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(path)
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+def _run(coro: Coroutine[Any, Any, int], *, loop: str = "asyncio") -> int:
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            log.warning("uvloop is not installed; using asyncio's own event loop")
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 # --- serve ---------------------------------------------------------------
@@ -70,7 +73,7 @@ def _worker(config: str | None, env: dict[str, str]) -> None:
     os.environ.update(env)
     settings = load_settings(Path(config) if config else None)
     logs.setup(settings.log.level)
-    _run(_serve_one(settings, reuse_port=True))
+    _run(_serve_one(settings, reuse_port=True), loop=settings.smtp.event_loop)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -78,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup(settings.log.level)
     workers = args.workers or 1
     if workers == 1:
-        return _run(_serve_one(settings, reuse_port=False))
+        return _run(_serve_one(settings, reuse_port=False), loop=settings.smtp.event_loop)
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")

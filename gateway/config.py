@@ -43,6 +43,7 @@ class ConfigError(Exception):
 
 # --- human units ----------------------------------------------------------
 
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G)?\s*$")
 _SIZE_UNITS = {
     None: 1,
@@ -150,7 +151,20 @@ class SmtpSettings(_Section):
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     auth_require_tls: bool = True
-    require_local_sender_domain: bool = False
+    # asyncio's own loop serves downloads with the kernel's sendfile; uvloop
+    # has none, so downloads run several times slower under it.
+    event_loop: Literal["uvloop", "asyncio"] = "asyncio"
+
+    @field_validator("hostname")
+    @classmethod
+    def _fqdn(cls, v: str) -> str:
+        labels = v.rstrip(".").split(".")
+        if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+            raise ValueError(
+                f"{v!r} is not a fully qualified host name (the EHLO name and the "
+                "Received header need one, e.g. gw.example.com)"
+            )
+        return v.rstrip(".").lower()
 
     @field_validator("trusted_networks", mode="before")
     @classmethod

@@ -62,6 +62,16 @@ class HopReply:
         return "\r\n".join([*head, f"{self.code} {parts[-1]}"])
 
 
+def dot_stuff(content: bytes) -> bytes:
+    """CRLF-only message → the DATA payload, end-of-data marker included."""
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    payload = content.replace(b"\r\n.", b"\r\n..")
+    if payload.startswith(b"."):
+        payload = b"." + payload
+    return payload + b".\r\n"
+
+
 def _timeout_error(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError | asyncio.TimeoutError)
 
@@ -87,6 +97,7 @@ class NextHop:
 
     def __init__(self, settings: NextHopSettings, *, helo_name: str) -> None:
         self._settings = settings
+        self.timeout = settings.timeout
         self._helo = settings.helo_name or helo_name
         self._idle: list[_Connection] = []
         self._closed = False
@@ -241,20 +252,40 @@ class Transaction:
         return HopReply(resp.code, resp.message)
 
     async def data(self, content: bytes) -> HopReply:
+        """Send the message. ``content`` has CRLF line ends only (the SMTP
+        front normalised them); aiosmtplib's own DATA would normalise and
+        dot-stuff again with regular expressions, which costs more than the
+        rest of the relay path on large messages."""
         self._done = True
+        client = self._conn.client
+        timeout = self._hop.timeout
         try:
-            resp = await self._conn.client.data(content)
-        except aiosmtplib.SMTPResponseException as exc:
-            if self._conn.client.is_connected:
-                await self._hop._reset(self._conn)
-            else:
-                self._conn.client.close()
-            return HopReply(exc.code, exc.message)
+            resp = await client.execute_command(b"DATA")
+            if resp.code != 354:
+                await self._after_refusal()
+                return HopReply(resp.code, resp.message)
+            proto = client.protocol
+            if proto is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            # The reply to the payload is expected (aiosmtplib would treat it
+            # as unsolicited otherwise).
+            proto._response_pending = True
+            proto.write(dot_stuff(content))
+            resp = await proto.read_response(timeout=timeout)
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            self._conn.client.close()
+            client.close()
             raise _failure(exc, "DATA") from exc
+        if resp.code != 250:
+            await self._after_refusal()
+            return HopReply(resp.code, resp.message)
         self._hop._give_back(self._conn)
         return HopReply(resp.code, resp.message)
+
+    async def _after_refusal(self) -> None:
+        if self._conn.client.is_connected:
+            await self._hop._reset(self._conn)
+        else:
+            self._conn.client.close()
 
     async def abort(self) -> None:
         """The client gave up (RSET, QUIT, error): reset and return the connection."""

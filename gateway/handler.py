@@ -29,6 +29,7 @@ from gateway.delivery import DeliveryError, HopReply, NextHop, Transaction
 from gateway.passwords import PasswordChecker
 from gateway.policy.accounts import Account, Directory, IPAddress
 from gateway.policy.relay import Client, Refused, check_sender, may_relay
+from gateway.protocol import normalize_line_endings
 from gateway.replies import (
     R250_QUEUED,
     R451_INTERNAL,
@@ -166,8 +167,30 @@ def received_header(hostname: str, tx: TxInfo, proto: str, now: float) -> bytes:
     return line.encode("utf-8", "replace")
 
 
+_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+
+
+def names_with_prefix(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The class's attribute names with those prefixes, computed once."""
+    key = (cls, prefixes)
+    names = _NAMES.get(key)
+    if names is None:
+        names = _NAMES[key] = sorted(n for n in dir(cls) if n.startswith(prefixes))
+    return names
+
+
 class Handler:
-    """The aiosmtpd handler: one instance serves every session of a process."""
+    """The aiosmtpd handler: one instance serves every session of a process.
+
+    HELO/EHLO need no hook: aiosmtpd resets the envelope itself, and a
+    next-hop transaction left open by a client that greets again is reset
+    at its next MAIL FROM or when the connection closes.
+    """
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd looks up ``handle_*`` hooks and ``auth_*`` mechanisms with
+        # dir()/inspect.getmembers() for every connection; list just those.
+        return names_with_prefix(type(self), ("handle_", "auth_"))
 
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -265,18 +288,6 @@ class Handler:
     async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
         await self._abort_tx(state_of(session))
         return "250 2.0.0 OK"
-
-    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
-        await self._abort_tx(state_of(session))
-        session.host_name = hostname
-        return f"250 {server.hostname}"
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        await self._abort_tx(state_of(session))
-        session.host_name = hostname
-        return responses
 
     async def connection_closed(self, session: Any) -> None:
         info: SessionInfo | None = getattr(session, "ag", None)
@@ -495,7 +506,7 @@ class Handler:
         )
         processed = await self.s.processor.process(tx_info, header + content)
         try:
-            hop = await tx.data(processed.content)
+            hop = await tx.data(normalize_line_endings(processed.content))
         except DeliveryError as exc:
             info.tx = None
             await self.s.processor.discard(processed)

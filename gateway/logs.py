@@ -53,4 +53,11 @@ def setup(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line at INFO; ours says what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    mail_log = logging.getLogger("mail.log")
+    mail_log.setLevel(logging.WARNING)
+    mail_log.addFilter(_drop_login_data_notice)
+
+
+def _drop_login_data_notice(record: logging.LogRecord) -> bool:
+    # aiosmtpd warns about its own deprecated attribute on every AUTH.
+    return "login_data is deprecated" not in record.getMessage()

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway import logs
 from gateway.config import Settings, split_listen
-from gateway.handler import Handler, state_of
+from gateway.handler import Handler, names_with_prefix, state_of
 from gateway.protocol import GatewaySMTP
 from gateway.replies import R421_LOCAL_PROBLEM, R421_TOO_MANY_CONNECTIONS
 
@@ -102,6 +102,13 @@ class FrontSMTP(GatewaySMTP):
         # them here makes the budget configurable.
         self._smtp_methods = _Commands(self._smtp_methods, self._ag_unknown_command)
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's constructor finds its ``smtp_*`` commands and ``auth_*``
+        # mechanisms with dir()/inspect.getmembers() on every connection,
+        # which walks every attribute of this class; only those two families
+        # are looked up that way, so list just them (computed once).
+        return names_with_prefix(type(self), ("smtp_", "auth_"))
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls = self._original_transport is not None
         super().connection_made(transport)
@@ -117,6 +124,13 @@ class FrontSMTP(GatewaySMTP):
                     "cipher": ssl_object.cipher(),
                     "version": ssl_object.version(),
                 }
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on EOF but may keep the transport
+        # half-open; under uvloop a client that connects and leaves at once
+        # (a port check) then stays open until the idle timeout. Close it.
+        super().eof_received()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         self._ag_table.closed(self)

@@ -223,3 +223,10 @@ dkim_key_file = "{key}"
         res = run("doctor", "--config", str(cfg))
         assert res.returncode == 1
         assert "v=spf1" in res.stdout  # the record to publish
+
+
+def test_hostname_must_be_fully_qualified(tmp_path: Path) -> None:
+    cfg = write(tmp_path, GOOD.replace('hostname = "gw.example.test"', 'hostname = "vm"'))
+    res = run("config", "check", "--config", str(cfg))
+    assert res.returncode == 2
+    assert "smtp.hostname: 'vm' is not a fully qualified host name" in res.stderr

@@ -595,3 +595,30 @@ async def test_password_guesser_is_banned_by_ip(
     await d.cmd("EHLO c", 250)
     assert (await d.auth_plain(ALICE, PASSWORD))[0] == 235
     await d.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_port_checks_leave_no_session_behind(tmp_path: Path, loop: str) -> None:
+    """A load balancer's port check (connect, close) frees its slot at once,
+    under either event loop (runs its own loop, hence a plain test)."""
+    import uvloop
+
+    async def scenario() -> tuple[int, int]:
+        gw = await start_gateway(base_config(tmp_path, free_port()))
+        try:
+            port = gw.smtp_ports[0]
+            for _ in range(5):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+            table = gw._table
+            assert table is not None
+            async with asyncio.timeout(5):
+                while table.live or table.open:
+                    await asyncio.sleep(0.01)
+            return len(table.live), table.open
+        finally:
+            await gw.close(drain=1)
+
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    assert runner(scenario()) == (0, 0)
