@@ -528,7 +528,8 @@ class AbuseControl:
         st = await self._state.get_account_state(account.address)
         if st.frozen:
             thaw = self._settings.hijack.thaw_after
-            if thaw is None or st.frozen_at is None or now - st.frozen_at < thaw:
+            manual = st.frozen_reason == ADMIN_FREEZE_REASON
+            if thaw is None or manual or st.frozen_at is None or now - st.frozen_at < thaw:
                 return self._policy("frozen_account")
             await unfreeze_account(self._state, account.address)
             logs.event(log, "account-thawed", account=account.address, frozen_at=st.frozen_at)
@@ -792,7 +793,14 @@ async def bans_report(state: StateStore, now: float) -> list[dict[str, Any]]:
     ]
 
 
+ADMIN_FREEZE_REASON = "frozen by the administrator"
+
+
 async def lift_ban(state: StateStore, ip: str) -> bool:
     """Lift the ban on ``ip`` (any textual form); True when there was one.
     Raises ValueError for text that is not an IP address."""
-    return await state.lift_ban(str(ipaddress.ip_address(ip.strip())))
+    address = str(ipaddress.ip_address(ip.strip()))
+    lifted = await state.lift_ban(address)
+    # A lifted ban starts from a clean slate, or the next failure bans again.
+    await state.reset_counter(f"authfail:ip:{address}")
+    return lifted

@@ -20,7 +20,7 @@ from gateway.config import ConfigError, Settings, split_listen
 from gateway.delivery import NextHop
 from gateway.dkim import DkimError, DkimKey, Signer, SignOptions, load_key
 from gateway.handler import Handler, Services
-from gateway.mime.rewrite import MimeLimits, Templates
+from gateway.mime.rewrite import MimeError, MimeLimits, Templates
 from gateway.notify import Notifier
 from gateway.passwords import PasswordChecker
 from gateway.policy.accounts import Directory
@@ -129,11 +129,12 @@ class Gateway:
         linking: LinkingContext | None = None
         if secret_keys:
             self.link_signer = LinkSigner(secret_keys, s.links.expire_after, clock=self.clock)
-            templates = (
-                Templates.from_dir(s.linking.templates_dir)
-                if s.linking.templates_dir
-                else Templates.default()
-            )
+            templates = Templates.default()
+            if s.linking.templates_dir:
+                try:
+                    templates = Templates.from_dir(s.linking.templates_dir)
+                except MimeError as exc:
+                    raise ConfigError([f"linking.templates_dir: {exc}"]) from exc
             linking = LinkingContext(
                 blobs=stores.blobs,
                 state=stores.state,

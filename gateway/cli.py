@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import logs
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings, split_listen
 
 log = logging.getLogger("attachgate")
 
@@ -199,9 +200,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                     print(f"attachgate: cannot read {path}: {exc.strerror}", file=sys.stderr)
                     return 2
         inputs.append(DomainInput(domain=name, dkim=dkim))
-    addresses = s.smtp.public_addresses or [
-        h for h, _ in (a.rpartition(":")[::2] for a in s.smtp.listen) if h not in ("0.0.0.0", "::")
-    ]
+    addresses = list(s.smtp.public_addresses)
+    if not addresses:
+        for listen in s.smtp.listen:
+            host = split_listen(listen)[0]
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                continue  # a host name: say smtp.public_addresses instead
+            if not ip.is_unspecified:
+                addresses.append(str(ip))
     return _run(
         _doctor(
             run_doctor(
@@ -237,6 +245,33 @@ async def _with_state(settings: Settings, fn: Callable[[Any], Coroutine[Any, Any
         await stores.blobs.close()
 
 
+_TIME_KEYS = frozenset({"since", "until", "frozen_at"})
+
+
+def _cell(key: str, value: Any) -> str:
+    if key in _TIME_KEYS and isinstance(value, int | float):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    if key == "remaining" and isinstance(value, int | float):
+        return f"{value:.0f}s"
+    if key == "windows" and isinstance(value, list):
+        return (
+            ",".join(
+                f"{w['messages']}/{w['max_messages'] or '-'}msg+"
+                f"{w['recipients']}/{w['max_recipients'] or '-'}rcpt@{w['window']:.0f}s"
+                for w in value
+            )
+            or "-"
+        )
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def _row(row: dict[str, Any]) -> str:
+    """One report row for a terminal: times in UTC, windows spelled out."""
+    return "  ".join(f"{key}={_cell(key, value)}" for key, value in row.items())
+
+
 def cmd_accounts(args: argparse.Namespace) -> int:
     from gateway import abuse
     from gateway.policy.accounts import Directory
@@ -250,7 +285,7 @@ def cmd_accounts(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, indent=2, default=str))
             else:
                 for row in rows:
-                    print("  ".join(f"{k}={v}" for k, v in row.items()))
+                    print(_row(row))
             return 0
         if not args.address:
             print("attachgate: an ADDRESS is needed", file=sys.stderr)
@@ -260,7 +295,7 @@ def cmd_accounts(args: argparse.Namespace) -> int:
             done = await abuse.cli_unfreeze(stores.state, address)
             print(f"{address}: {'unfrozen' if done else 'was not frozen'}")
             return 0 if done else 1
-        done = await stores.state.freeze(address, "frozen by the administrator", time.time())
+        done = await stores.state.freeze(address, abuse.ADMIN_FREEZE_REASON, time.time())
         print(f"{address}: {'frozen' if done else 'was already frozen'}")
         return 0 if done else 1
 
@@ -275,7 +310,7 @@ def cmd_bans(args: argparse.Namespace) -> int:
     async def go(stores: Any) -> int:
         if args.action == "list":
             for row in await abuse.bans_report(stores.state, time.time()):
-                print("  ".join(f"{k}={v}" for k, v in row.items()))
+                print(_row(row))
             return 0
         if not args.ip:
             print("attachgate: an IP is needed", file=sys.stderr)
@@ -319,6 +354,8 @@ def cmd_links_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from storage.local import LocalBlobStore
+
     s = _settings(args)
 
     async def go(stores: Any) -> int:
@@ -341,6 +378,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
             if now - mtime >= grace and not await stores.state.referenced(digest):
                 await stores.blobs.delete(digest)
                 removed += 1
+        if isinstance(stores.blobs, LocalBlobStore):
+            # Temp files a crash left behind mid-write.
+            await stores.blobs.sweep_temp(now, grace)
         print(f"expired records deleted: {result.expired_records}; blobs deleted: {removed}")
         return 0
 

@@ -27,7 +27,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "ATTACHGATE_"
 CONFIG_ENV = "ATTACHGATE_CONFIG"
@@ -123,11 +128,43 @@ def _str_list(value: object) -> object:
     return value
 
 
+def _parse_network(value: object) -> object:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            pass
+    raise ValueError("expected an IP network such as 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32")
+
+
+def _network_list(value: object) -> object:
+    if isinstance(value, str):
+        return [n for n in value.split(",") if n.strip()]
+    return value
+
+
+def _mailbox(value: object) -> object:
+    from gateway.addresses import AddressError, parse_mailbox
+
+    if not isinstance(value, str):
+        raise ValueError("expected an email address")
+    try:
+        parse_mailbox(value, smtputf8=True)
+    except AddressError as exc:
+        raise ValueError(f"{value!r} is not a usable address: {exc}") from exc
+    return value
+
+
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Listen = Annotated[str, BeforeValidator(_parse_listen)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-AddrList = Annotated[list[str], BeforeValidator(_str_list)]
+NetworkItem = Annotated[Network, BeforeValidator(_parse_network)]
+Networks = Annotated[list[NetworkItem], BeforeValidator(_network_list)]
+Mailbox = Annotated[str, BeforeValidator(_mailbox)]
+AddrList = Annotated[list[Mailbox], BeforeValidator(_str_list)]
 
 
 class _Section(BaseModel):
@@ -138,10 +175,10 @@ class _Section(BaseModel):
 
 
 class SmtpSettings(_Section):
-    hostname: str = Field(default_factory=socket.getfqdn)
+    hostname: str = Field(default_factory=socket.getfqdn, validate_default=True)
     listen: list[Listen] = ["127.0.0.1:2525"]
     tls_listen: list[Listen] = []
-    trusted_networks: list[Network] = []
+    trusted_networks: Networks = []
     public_addresses: list[str] = []
     max_message_size: Size = 50 * 1024**2
     max_recipients: int = Field(default=100, ge=1)
@@ -149,7 +186,6 @@ class SmtpSettings(_Section):
     max_connections: int = Field(default=1000, ge=1)
     max_unknown_commands: int = Field(default=10, ge=1)
     command_timeout: Duration = 300.0
-    data_timeout: Duration = 600.0
     auth_require_tls: bool = True
     # asyncio's own loop serves downloads with the kernel's sendfile; uvloop
     # has none, so downloads run several times slower under it.
@@ -165,13 +201,6 @@ class SmtpSettings(_Section):
                 "Received header need one, e.g. gw.example.com)"
             )
         return v.rstrip(".").lower()
-
-    @field_validator("trusted_networks", mode="before")
-    @classmethod
-    def _nets(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [n for n in v.split(",") if n.strip()]
-        return v
 
 
 class TlsSettings(_Section):
@@ -211,7 +240,7 @@ class WebSettings(_Section):
 
 class LinksSettings(_Section):
     secret_keys: list[SecretStr] = []
-    expire_after: Duration = 30 * 86400.0
+    expire_after: Annotated[Duration, Field(gt=0)] = 30 * 86400.0
 
     @field_validator("secret_keys")
     @classmethod
@@ -272,7 +301,7 @@ class HijackSettings(_Section):
     freeze: bool = True
     thaw_after: Duration | None = None
     notify: AddrList = []
-    control_address: str | None = None
+    control_address: Mailbox | None = None
 
 
 class HijackOverride(_Section):
@@ -289,7 +318,7 @@ class ScreeningSettings(_Section):
     ban_for: Duration = 3600.0
     notify: AddrList = []
     notify_every: Duration = 3600.0
-    allow_networks: list[Network] = []
+    allow_networks: Networks = []
     failure_delay: Duration = 1.0
     max_failure_delay: Duration = 8.0
 
@@ -327,14 +356,14 @@ class DkimKeySettings(_Section):
 
 class DkimSettings(_Section):
     refuse_duplicate_headers: bool = True
-    expire_after: Duration | None = None
+    expire_after: Annotated[Duration, Field(gt=0)] | None = None
 
 
 class DomainSettings(_Section):
     dkim_selector: str | None = None
     dkim_key_file: Path | None = None
     dkim_keys: list[DkimKeySettings] = []
-    allowed_networks: list[Network] = []
+    allowed_networks: Networks = []
     hijack: HijackOverride | None = None
     linking: LinkingOverride | None = None
 
@@ -355,7 +384,6 @@ class DnsSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
 
 
 def _lower_keys(value: object) -> object:
@@ -373,21 +401,21 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    smtp: SmtpSettings = SmtpSettings()
-    tls: TlsSettings = TlsSettings()
-    next_hop: NextHopSettings = NextHopSettings()
-    web: WebSettings = WebSettings()
-    links: LinksSettings = LinksSettings()
-    storage: StorageSettings = StorageSettings()
-    state: StateSettings = StateSettings()
-    policy: PolicySettings = PolicySettings()
-    hijack: HijackSettings = HijackSettings()
-    screening: ScreeningSettings = ScreeningSettings()
-    linking: LinkingSettings = LinkingSettings()
-    mime: MimeSettings = MimeSettings()
-    dkim: DkimSettings = DkimSettings()
-    dns: DnsSettings = DnsSettings()
-    log: LogSettings = LogSettings()
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    next_hop: NextHopSettings = Field(default_factory=NextHopSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    links: LinksSettings = Field(default_factory=LinksSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    hijack: HijackSettings = Field(default_factory=HijackSettings)
+    screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
+    linking: LinkingSettings = Field(default_factory=LinkingSettings)
+    mime: MimeSettings = Field(default_factory=MimeSettings)
+    dkim: DkimSettings = Field(default_factory=DkimSettings)
+    dns: DnsSettings = Field(default_factory=DnsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
     domains: Annotated[dict[str, DomainSettings], BeforeValidator(_lower_keys)] = {}
     accounts: Annotated[dict[str, AccountSettings], BeforeValidator(_lower_keys)] = {}
 
@@ -438,8 +466,12 @@ class Settings(BaseSettings):
 def _format_error(err: ValidationError) -> list[str]:
     problems = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("lax-", "function-")))
         msg = item["msg"]
+        if not loc:
+            # Cross-field checks name their keys themselves.
+            problems += msg.removeprefix("Value error, ").split("; ")
+            continue
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif msg.startswith("Value error, "):
@@ -464,7 +496,15 @@ def load_settings(path: Path | None = None) -> Settings:
             ) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML ({exc})"]) from exc
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None and name not in ("domains", "accounts"):
+            # Absent sections are validated as sections, so their errors carry
+            # the section's name.
+            data.setdefault(name, {})
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from exc
+    except SettingsError as exc:
+        # An environment value that is not valid JSON for a list or table.
+        raise ConfigError([f"environment: {exc}"]) from exc

@@ -140,7 +140,9 @@ async def test_wrong_password_keeps_the_message_deferred(
     assert re.search(r"SASL authentication failed; server 127\.0\.0\.1\[127\.0\.0\.1\]", log)
     # Still Postfix's to deliver: in its queue, not sent, not bounced.
     assert [(q.queue_id, q.recipients) for q in queue] == [(queue_id, [RECIPIENT])]
-    assert queue[0].queue_name in ("deferred", "active")
+    # With the short retry times of the test instance it may already be back
+    # in line for the next attempt.
+    assert queue[0].queue_name in ("deferred", "active", "incoming")
     assert "status=sent" not in log
     assert "status=bounced" not in log
     assert sink.messages == []
