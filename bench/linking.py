@@ -49,6 +49,7 @@ if not __package__:
 from bench.common import (
     GatewayProcess,
     PostfixInstance,
+    PySpy,
     Smarthost,
     SmtpSink,
     figures,
@@ -56,6 +57,7 @@ from bench.common import (
     gateway_config,
     missing_load_tools,
     missing_postfix,
+    print_profile,
     run_smtp_source,
     smtp_source_args,
     vm_kib,
@@ -98,7 +100,7 @@ def linking_config(workdir: Path, sink_port: int, max_size: str = "50MiB") -> di
         free_port(),
         sink_port,
         {
-            "smtp": {"max_message_size": max_size, "data_timeout": "10m"},
+            "smtp": {"max_message_size": max_size, "command_timeout": "10m"},
             "links": {"secret_keys": ["bench-secret-key-0123456789abcdef"]},
             "domains": {DOMAIN: {}},
             "accounts": {
@@ -181,7 +183,14 @@ def throughput(opts: argparse.Namespace, workdir: Path) -> None:
             send_file("postfix", postfix.port, sink, message_file, warm, opts.sessions, postfix)
         for n in range(opts.rounds):
             links_before = link_records(gw_dir / "state.db")
+            spy = None
+            if opts.profile and n == 0:
+                spy = PySpy(gateway.worker_pids()[0], workdir / "linking.prof")
+                time.sleep(0.5)  # py-spy needs a moment to attach before the load starts
             r = send_file(gw_name, gateway.port, sink, message_file, opts.messages, opts.sessions)
+            if spy is not None:
+                spy.stop()
+                print_profile(workdir / "linking.prof", "py-spy", opts.top)
             taken_out = link_records(gw_dir / "state.db") - links_before
             if taken_out != opts.messages:
                 raise RuntimeError(
@@ -291,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-postfix", action="store_true", help="no Postfix reference")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on the first worker in round 1"
+    )
+    parser.add_argument("--top", type=int, default=25, help="functions to list when profiling")
     opts = parser.parse_args(argv)
     problem = missing_load_tools() or (None if opts.skip_postfix else missing_postfix())
     if problem:

@@ -82,6 +82,11 @@ class _Commands(dict[str, Any]):
 class FrontSMTP(GatewaySMTP):
     """One client connection."""
 
+    # aiosmtpd sizes its stream buffer by the longest command line it takes
+    # (1001 bytes), so the socket is paused and resumed for every chunk of
+    # message data. Commands stay bounded by aiosmtpd's command_size_limit.
+    line_length_limit = 256 * 1024
+
     def __init__(
         self,
         handler: Handler,
