@@ -39,6 +39,11 @@ from web.links import LinkSigner, new_link_id
 
 log = logging.getLogger("attachgate.process")
 T = TypeVar("T")
+# MIME work on a message up to this size runs on the event loop (a few
+# milliseconds): handing it to a thread costs more than it saves, since the
+# base64 decoder holds the interpreter lock anyway. Larger messages go to the
+# executor so that other sessions are not held up.
+INLINE_MIME_LIMIT = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,10 @@ class MessageProcessor:
             deny_types=account.linking.deny_types,
             nested=account.linking.nested,
         )
-        found = await self._run(plan, content, rules, ctx.limits)
+        if len(content) <= INLINE_MIME_LIMIT:
+            found = plan(content, rules, ctx.limits)
+        else:
+            found = await self._run(plan, content, rules, ctx.limits)
         if isinstance(found, Passthrough):
             self.counters[f"passthrough:{found.reason.split(':', 1)[0]}"] += 1
             if found.reason.startswith(("unparsable", "limits")):
@@ -154,7 +162,10 @@ class MessageProcessor:
         await ctx.state.add_links(records)
         ids = [r.link_id for r in records]
         try:
-            rendered = await self._run(found.render, notices, ctx.templates)
+            if len(content) <= INLINE_MIME_LIMIT:
+                rendered = found.render(notices, ctx.templates)
+            else:
+                rendered = await self._run(found.render, notices, ctx.templates)
         except BaseException:
             await ctx.state.delete_links(ids)
             raise
