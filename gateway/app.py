@@ -118,6 +118,13 @@ class Gateway:
         return [s.sockets[0].getsockname()[1] for s in self._servers if s.sockets]
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close(drain=0)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         directory = Directory(s)
         keys, warnings = load_dkim_keys(s)

@@ -72,9 +72,14 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
 
 def _worker(config: str | None, env: dict[str, str]) -> None:
     os.environ.update(env)
-    settings = load_settings(Path(config) if config else None)
-    logs.setup(settings.log.level)
-    _run(_serve_one(settings, reuse_port=True), loop=settings.smtp.event_loop)
+    try:
+        settings = load_settings(Path(config) if config else None)
+        logs.setup(settings.log.level)
+        code = _run(_serve_one(settings, reuse_port=True), loop=settings.smtp.event_loop)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        code = 2
+    sys.exit(code)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -378,10 +383,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
             if now - mtime >= grace and not await stores.state.referenced(digest):
                 await stores.blobs.delete(digest)
                 removed += 1
+        swept = 0
         if isinstance(stores.blobs, LocalBlobStore):
             # Temp files a crash left behind mid-write.
-            await stores.blobs.sweep_temp(now, grace)
-        print(f"expired records deleted: {result.expired_records}; blobs deleted: {removed}")
+            swept = await stores.blobs.sweep_temp(now, grace)
+        print(
+            f"expired records deleted: {result.expired_records}; blobs deleted: {removed}; "
+            f"unfinished writes removed: {swept}"
+        )
         return 0
 
     return _run(_with_state(s, go))
@@ -474,15 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_config_error(exc: ConfigError) -> None:
+    print("attachgate: configuration error:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        print("attachgate: configuration error:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_config_error(exc)
         return 2
     except KeyboardInterrupt:
         return 130

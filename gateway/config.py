@@ -133,9 +133,14 @@ def _parse_network(value: object) -> object:
         return value
     if isinstance(value, str):
         try:
-            return ipaddress.ip_network(value.strip(), strict=False)
-        except ValueError:
-            pass
+            # Strict: "10.0.0.1/8" is a typo that would trust all of 10/8.
+            return ipaddress.ip_network(value.strip(), strict=True)
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                raise ValueError(
+                    f"{value.strip()!r} has host bits set; write the network address "
+                    "(e.g. 10.0.0.0/8) or a single address"
+                ) from exc
     raise ValueError("expected an IP network such as 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32")
 
 
@@ -151,10 +156,21 @@ def _mailbox(value: object) -> object:
     if not isinstance(value, str):
         raise ValueError("expected an email address")
     try:
-        parse_mailbox(value, smtputf8=True)
+        address = parse_mailbox(value, smtputf8=True)
     except AddressError as exc:
         raise ValueError(f"{value!r} is not a usable address: {exc}") from exc
-    return value
+    if address.had_route:
+        raise ValueError(f"{value!r} is not a usable address: source route")
+    return str(address)
+
+
+def _ip_address(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            pass
+    raise ValueError("expected an IP address such as 192.0.2.7 or 2001:db8::7")
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -164,6 +180,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 NetworkItem = Annotated[Network, BeforeValidator(_parse_network)]
 Networks = Annotated[list[NetworkItem], BeforeValidator(_network_list)]
 Mailbox = Annotated[str, BeforeValidator(_mailbox)]
+IPText = Annotated[str, BeforeValidator(_ip_address)]
+Positive = Annotated[Duration, Field(gt=0)]
 AddrList = Annotated[list[Mailbox], BeforeValidator(_str_list)]
 
 
@@ -179,13 +197,13 @@ class SmtpSettings(_Section):
     listen: list[Listen] = ["127.0.0.1:2525"]
     tls_listen: list[Listen] = []
     trusted_networks: Networks = []
-    public_addresses: list[str] = []
+    public_addresses: list[IPText] = []
     max_message_size: Size = 50 * 1024**2
     max_recipients: int = Field(default=100, ge=1)
     max_connections_per_ip: int = Field(default=20, ge=1)
     max_connections: int = Field(default=1000, ge=1)
     max_unknown_commands: int = Field(default=10, ge=1)
-    command_timeout: Duration = 300.0
+    command_timeout: Positive = 300.0
     auth_require_tls: bool = True
     # asyncio's own loop serves downloads with the kernel's sendfile; uvloop
     # has none, so downloads run several times slower under it.
@@ -217,7 +235,7 @@ class NextHopSettings(_Section):
     ca_file: Path | None = None
     username: str | None = None
     password: SecretStr | None = None
-    timeout: Duration = 60.0
+    timeout: Positive = 60.0
     pool_size: int = Field(default=8, ge=0, le=1000)
     helo_name: str | None = None
 
@@ -289,17 +307,17 @@ class PolicySettings(_Section):
 class HijackLimit(_Section):
     max_messages: int | None = Field(default=None, ge=1)
     max_recipients: int | None = Field(default=None, ge=1)
-    window: Duration
+    window: Positive
 
 
 class HijackSettings(_Section):
     enabled: bool = True
     max_messages: int | None = Field(default=200, ge=1)
     max_recipients: int | None = Field(default=1000, ge=1)
-    window: Duration = 3600.0
+    window: Positive = 3600.0
     extra_windows: list[HijackLimit] = []
     freeze: bool = True
-    thaw_after: Duration | None = None
+    thaw_after: Positive | None = None
     notify: AddrList = []
     control_address: Mailbox | None = None
 
@@ -307,17 +325,17 @@ class HijackSettings(_Section):
 class HijackOverride(_Section):
     max_messages: int | None = Field(default=None, ge=1)
     max_recipients: int | None = Field(default=None, ge=1)
-    window: Duration | None = None
+    window: Positive | None = None
     freeze: bool | None = None
 
 
 class ScreeningSettings(_Section):
     enabled: bool = True
     max_auth_failures: int = Field(default=10, ge=1)
-    window: Duration = 900.0
-    ban_for: Duration = 3600.0
+    window: Positive = 900.0
+    ban_for: Positive = 3600.0
     notify: AddrList = []
-    notify_every: Duration = 3600.0
+    notify_every: Positive = 3600.0
     allow_networks: Networks = []
     failure_delay: Duration = 1.0
     max_failure_delay: Duration = 8.0
@@ -370,16 +388,16 @@ class DomainSettings(_Section):
 
 class AccountSettings(_Section):
     password_hash: SecretStr | None = None
-    send_as: list[str] = []
+    send_as: list[Mailbox] = []
     disabled: bool = False
     linking: LinkingOverride | None = None
     hijack: HijackOverride | None = None
 
 
 class DnsSettings(_Section):
-    nameservers: list[str] = []
+    nameservers: list[IPText] = []
     port: int = Field(default=53, ge=1, le=65535)
-    timeout: Duration = 5.0
+    timeout: Positive = 5.0
 
 
 class LogSettings(_Section):
@@ -443,6 +461,9 @@ class Settings(BaseSettings):
             path = getattr(self.tls, key)
             if path is not None and not os.access(path, os.R_OK):
                 problems.append(f"tls.{key}: cannot read {path}")
+        templates = self.linking.templates_dir
+        if templates is not None and not templates.is_dir():
+            problems.append(f"linking.templates_dir: {templates} is not a directory")
         if self.linking_possible() and not self.links.secret_keys:
             problems.append("links.secret_keys: at least one key is needed when linking is enabled")
         for name, dom in self.domains.items():

@@ -417,6 +417,8 @@ class _Routes:
         if not ip or len(ip) > 64:
             return self._result(400, "Bad request", "No address given.")
         await self.state.lift_ban(ip)
+        # A lifted ban starts from a clean slate (as ``attachgate bans lift``).
+        await self.state.reset_counter(f"authfail:ip:{ip}")
         log.info("ban-lifted ip=%s via=admin-page", ip)
         raise web.HTTPSeeOther("/admin", headers=ADMIN_HEADERS)
 

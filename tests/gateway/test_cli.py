@@ -230,3 +230,28 @@ def test_hostname_must_be_fully_qualified(tmp_path: Path) -> None:
     res = run("config", "check", "--config", str(cfg))
     assert res.returncode == 2
     assert "smtp.hostname: 'vm' is not a fully qualified host name" in res.stderr
+
+
+def test_network_with_host_bits_is_refused(tmp_path: Path) -> None:
+    # "10.0.0.1/8" would otherwise trust all of 10/8: an open relay by typo.
+    cfg = write(tmp_path, GOOD.replace('["10.0.0.0/8"]', '["10.0.0.1/8"]'))
+    res = run("config", "check", "--config", str(cfg))
+    assert res.returncode == 2
+    assert "smtp.trusted_networks.0: '10.0.0.1/8' has host bits set" in res.stderr
+
+
+def test_serve_with_workers_reports_config_errors_by_key(tmp_path: Path) -> None:
+    key = tmp_path / "missing.key"
+    cfg = write(
+        tmp_path,
+        GOOD.replace(
+            '[domains."example.test"]',
+            f'[domains."example.test"]\ndkim_selector = "s1"\ndkim_key_file = "{key}"',
+        ).replace('listen = ["127.0.0.1:2525"]', 'listen = ["127.0.0.1:0"]')
+        + f'[state]\npath = "{tmp_path}/state.db"\n[storage]\npath = "{tmp_path}/blobs"\n'
+        + "[web]\nenabled = false\n",
+    )
+    res = run("serve", "--workers", "2", "--config", str(cfg))
+    assert res.returncode == 2, res.stderr
+    assert "domains.example.test.dkim_key_file" in res.stderr
+    assert "Traceback" not in res.stderr
