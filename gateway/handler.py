@@ -38,7 +38,6 @@ from gateway.replies import (
     R550_NUL,
     R550_ROUTED_ADDRESS,
     R553_BAD_ADDRESS,
-    R554_NEEDS_8BITMIME,
     R554_NO_VALID_RECIPIENTS,
     R554_RELAY_DENIED,
     Reply,
@@ -58,6 +57,9 @@ class TxInfo:
     account: Account | None
     recipients: list[str]
     tls: bool
+    # The next hop did not announce 8BITMIME: 8-bit bodies are converted
+    # before signing (RFC 6152), or the message is refused.
+    seven_bit: bool = False
 
 
 class MessageRefused(Exception):
@@ -198,17 +200,23 @@ class Handler:
 
     # --- AUTH --------------------------------------------------------------
 
-    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+    @staticmethod
+    async def _first_response(server: Any, args: list[str], challenge: str) -> bytes | None:
+        """The client's first AUTH answer: inline (``AUTH X data``) or after a
+        challenge. None when it was aborted or undecodable (already answered)."""
         if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await server.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+            answer = await server.challenge_auth(challenge)
+            return answer if isinstance(answer, bytes) else None
+        try:
+            return base64.b64decode(args[1].encode(), validate=True)
+        except ValueError:
+            await server.push("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        blob = await self._first_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await server.push("501 5.5.2 Cannot split auth value")
@@ -217,16 +225,9 @@ class Handler:
         return await self._check_login(server, "PLAIN", login, password)
 
     async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
-            if not isinstance(login, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = base64.b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await server.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        login = await self._first_response(server, args, server.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
@@ -460,9 +461,6 @@ class Handler:
                 outcome = "control"
                 reply_text = str(reply)
                 return reply_text
-            if not content.isascii() and info.tx is not None and not info.tx.eightbit:
-                reply_text = str(R554_NEEDS_8BITMIME)
-                return reply_text
             reply_text, outcome = await self._deliver(session, info, tx_info, content)
             return reply_text
         except MessageRefused as exc:
@@ -504,6 +502,7 @@ class Handler:
         header = received_header(
             self.s.settings.smtp.hostname, tx_info, _protocol_name(session, info), now
         )
+        tx_info.seven_bit = not tx.eightbit
         processed = await self.s.processor.process(tx_info, header + content)
         try:
             hop = await tx.data(normalize_line_endings(processed.content))

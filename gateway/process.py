@@ -17,12 +17,13 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gateway import logs
 from gateway.config import PolicySettings
 from gateway.dkim import DuplicateHeaderError, Signer
 from gateway.handler import MessageRefused, Processed, TxInfo
+from gateway.mime.downgrade import DowngradeError, to_7bit
 from gateway.mime.rewrite import (
     Extraction,
     LinkingRules,
@@ -33,7 +34,7 @@ from gateway.mime.rewrite import (
     Templates,
     plan,
 )
-from gateway.replies import R550_UNPARSABLE, policy_reply
+from gateway.replies import R550_UNPARSABLE, R554_NEEDS_8BITMIME, policy_reply
 from storage.interfaces import BlobStore, LinkRecord, StateStore
 from web.links import LinkSigner, new_link_id
 
@@ -80,6 +81,14 @@ class MessageProcessor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
+    async def _mime(self, fn: Callable[..., T], *args: Any, size: int | None = None) -> T:
+        """MIME work: inline for small messages, in the executor for large ones."""
+        if size is None:
+            size = len(args[0])
+        if size <= INLINE_MIME_LIMIT:
+            return fn(*args)
+        return await self._run(fn, *args)
+
     async def process(self, tx: TxInfo, content: bytes) -> Processed:
         link_ids: list[str] = []
         linked = 0
@@ -96,6 +105,14 @@ class MessageProcessor:
                 )
                 if self._policy.on_rewrite_error == "refuse":
                     raise MessageRefused(R550_UNPARSABLE, str(exc)) from exc
+        if tx.seven_bit and not content.isascii():
+            try:
+                content = await self._mime(to_7bit, content)
+            except DowngradeError as exc:
+                await self.discard(Processed(content, link_ids))
+                raise MessageRefused(
+                    R554_NEEDS_8BITMIME, f"cannot convert to 7 bit: {exc}"
+                ) from exc
         if self._dkim is not None:
             try:
                 content = await self._run(self._dkim.sign, content)
@@ -120,10 +137,7 @@ class MessageProcessor:
             deny_types=account.linking.deny_types,
             nested=account.linking.nested,
         )
-        if len(content) <= INLINE_MIME_LIMIT:
-            found = plan(content, rules, ctx.limits)
-        else:
-            found = await self._run(plan, content, rules, ctx.limits)
+        found = await self._mime(plan, content, rules, ctx.limits)
         if isinstance(found, Passthrough):
             self.counters[f"passthrough:{found.reason.split(':', 1)[0]}"] += 1
             if found.reason.startswith(("unparsable", "limits")):
@@ -162,10 +176,7 @@ class MessageProcessor:
         await ctx.state.add_links(records)
         ids = [r.link_id for r in records]
         try:
-            if len(content) <= INLINE_MIME_LIMIT:
-                rendered = found.render(notices, ctx.templates)
-            else:
-                rendered = await self._run(found.render, notices, ctx.templates)
+            rendered = await self._mime(found.render, notices, ctx.templates, size=len(content))
         except BaseException:
             await ctx.state.delete_links(ids)
             raise

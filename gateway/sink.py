@@ -70,7 +70,8 @@ class _SinkHandler:
         if fault:
             return fault
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        msg = Captured(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content), peer)
+        raw = envelope.original_content if isinstance(envelope.content, str) else envelope.content
+        msg = Captured(envelope.mail_from, list(envelope.rcpt_tos), bytes(raw), peer)
         self.sink.messages.append(msg)
         self.sink.arrived.set()
         return f"250 2.0.0 Ok: queued as SINK{len(self.sink.messages)}"
@@ -99,11 +100,19 @@ class CaptureSink:
     """Start with ``await sink.start()``; ``sink.port`` is the bound port."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls: ssl.SSLContext | None = None,
+        eight_bit: bool = True,
     ) -> None:
         self.host = host
         self._port = port
         self._tls = tls
+        # Without 8BITMIME the sink is a 7-bit next hop (aiosmtpd announces
+        # it only when it does not decode the data).
+        self._eight_bit = eight_bit
         self.messages: list[Captured] = []
         self.faults = Faults()
         self.arrived = asyncio.Event()
@@ -128,8 +137,8 @@ class CaptureSink:
                 ident="capture-sink",
                 data_size_limit=0,
                 tls_context=self._tls,
-                enable_SMTPUTF8=True,
-                decode_data=False,
+                enable_SMTPUTF8=self._eight_bit,
+                decode_data=not self._eight_bit,
                 loop=loop,
             )
 

@@ -622,3 +622,46 @@ def test_port_checks_leave_no_session_behind(tmp_path: Path, loop: str) -> None:
 
     runner = uvloop.run if loop == "uvloop" else asyncio.run
     assert runner(scenario()) == (0, 0)
+
+
+# --- a next hop without 8BITMIME -----------------------------------------------------
+
+
+@pytest.fixture
+async def seven_bit_sink() -> AsyncIterator[CaptureSink]:
+    s = CaptureSink(eight_bit=False)
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_eight_bit_body_converted_for_a_seven_bit_next_hop(
+    make_gw: Factory, seven_bit_sink: CaptureSink
+) -> None:
+    import email
+    import email.policy
+
+    gw = await make_gw(TRUST_LOCAL, {"next_hop": {"port": seven_bit_sink.port}})
+    text = "Grüße aus Köln – naïve café\r\n"
+    raw = (
+        f"From: <{ALICE}>\r\nTo: <x@remote.test>\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + text
+    ).encode()
+    d = await plain(gw.smtp_ports[0])
+    await d.cmd(f"MAIL FROM:<{ALICE}> BODY=8BITMIME", 250)
+    await d.cmd("RCPT TO:<x@remote.test>", 250)
+    code, reply = await send_body(d, raw)
+    assert code == 250, reply
+    # 8-bit header: cannot be converted without SMTPUTF8.
+    await d.cmd(f"MAIL FROM:<{ALICE}> BODY=8BITMIME", 250)
+    await d.cmd("RCPT TO:<x@remote.test>", 250)
+    code, reply = await send_body(d, raw.replace(b"Subject: s", "Subject: Grüße".encode()))
+    assert (code, reply[:5]) == (554, "5.6.3"), reply
+    await d.close()
+    assert len(seven_bit_sink.messages) == 1
+    out = seven_bit_sink.messages[0].content
+    assert out.isascii()
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    body = msg.get_content()
+    assert body.replace("\r\n", "\n") == text.replace("\r\n", "\n")
