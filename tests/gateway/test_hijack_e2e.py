@@ -190,3 +190,23 @@ async def test_two_workers_share_the_limit(tmp_path: Path, sink: CaptureSink) ->
     pids = {m.group(1) for m in re.finditer(served, "".join(logs))}
     assert len(pids) == 2, "both workers served sessions"
     assert len([m for m in sink.messages if ADMIN not in m.rcpt_tos]) == 6
+
+
+async def test_locked_state_fails_closed(
+    make_gw: Factory, sink: CaptureSink, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    gw = await make_gw(HIJACK, {"state": {"busy_timeout": "0.3s"}})
+    holder = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        # Another process holds the write lock past the timeout: the recipient
+        # cannot be counted, so it is not accepted.
+        holder.execute("BEGIN EXCLUSIVE")
+        code, text = await send(gw.smtp_ports[0], ALICE, ["x@remote.test"], message())
+        assert (code, text) == (451, "4.3.0 Temporary local problem, try again later")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert sink.messages == []
+    assert (await send(gw.smtp_ports[0], ALICE, ["x@remote.test"], message()))[0] == 250
