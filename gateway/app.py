@@ -229,9 +229,8 @@ class Gateway:
         site = web.TCPSite(runner, host, port, reuse_port=self._reuse_port or None)
         await site.start()
         self._runner = runner
-        server = site._server
-        if isinstance(server, asyncio.Server) and server.sockets:
-            self.web_port = server.sockets[0].getsockname()[1]
+        if runner.addresses:
+            self.web_port = runner.addresses[0][1]
 
     async def close(self, drain: float = DRAIN_TIMEOUT) -> None:
         for srv in self._servers:
