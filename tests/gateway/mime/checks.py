@@ -69,6 +69,31 @@ def _kept_in_order(raw: bytes, out: bytes, kept: list[Entity]) -> bool:
     return match(0, 0, 0)
 
 
+def _path(entity: Entity) -> list[int]:
+    """Child indexes from the top down to ``entity`` (a forwarded message is
+    the only child of its message/rfc822 part)."""
+    path: list[int] = []
+    node = entity
+    while node.parent is not None:
+        parent = node.parent
+        path.append(parent.children.index(node) if parent.is_multipart else 0)
+        node = parent
+    return path[::-1]
+
+
+def _locate(msg: email.message.Message, path: list[int]) -> email.message.Message:
+    """The email package's part at ``path``."""
+    part = msg
+    for i in path:
+        payload = part.get_payload()
+        assert isinstance(payload, list), "the email package sees another structure"
+        assert i < len(payload), "the email package sees another structure"
+        child = payload[i]
+        assert isinstance(child, email.message.Message)
+        part = child
+    return part
+
+
 def check_rendered(raw: bytes, extraction: Extraction, out: bytes, urls: list[str]) -> None:
     """The rewrite took out exactly the planned parts and left the rest alone."""
     taken = {id(e) for e, _ in extraction._taken}
@@ -89,24 +114,21 @@ def check_rendered(raw: bytes, extraction: Extraction, out: bytes, urls: list[st
         ), url
 
     # Taken-out data equals what the email package decodes for the same parts,
-    # in order (parts told apart by data, type and Content-ID).
+    # found by their place in the tree: parts with equal data, type and
+    # Content-ID are told apart by where they are, not by what they hold.
     def key_of(part: email.message.Message) -> tuple[str, str, str]:
         cid = str(part.get("content-id", "")).strip()
         return sha(email_payload(part)), part.get_content_type(), cid
 
-    wanted = []
+    taken_parts: list[email.message.Message] = []
     for entity, attachment in extraction._taken:
+        part = _locate(before, _path(entity))
         cid_field = entity.field("content-id")
         cid = cid_field.value if cid_field is not None else ""
-        wanted.append((sha(attachment.data), attachment.content_type, cid))
-    pos = 0
-    remaining: list[email.message.Message] = []
-    for part in email_leaves(before):
-        if pos < len(wanted) and key_of(part) == wanted[pos]:
-            pos += 1
-        else:
-            remaining.append(part)
-    assert pos == len(wanted), "taken-out data differs from the email package's decoding"
+        wanted = (sha(attachment.data), attachment.content_type, cid)
+        assert key_of(part) == wanted, "taken-out data differs from the email package's decoding"
+        taken_parts.append(part)
+    remaining = [p for p in email_leaves(before) if not any(p is t for t in taken_parts)]
     out_leaves = email_leaves(after)
     notice_parts = [p for p in out_leaves if urls and urls[0].encode() in email_payload(p)]
     assert notice_parts, "no part carries the notice"

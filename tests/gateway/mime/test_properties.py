@@ -108,9 +108,7 @@ def messages(draw: st.DrawFn) -> Built:
     return Built(top + raw, expected)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(messages(), st.integers(0, 2000))
-def test_generated_messages(built: Built, min_size: int) -> None:
+def _check_message(built: Built, min_size: int) -> None:
     rules = LinkingRules(min_size=min_size)
     wanted = [(data, name) for data, name in built.expected if len(data) >= min_size]
     result = plan(built.raw, rules)
@@ -124,3 +122,27 @@ def test_generated_messages(built: Built, min_size: int) -> None:
     check_rendered(built.raw, result, out, [n.url for n in notices])
     # Nothing is left to take out of the rewritten message.
     assert plan(out, rules) == Passthrough("no-attachments")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages(), st.integers(0, 2000))
+def test_generated_messages(built: Built, min_size: int) -> None:
+    _check_message(built, min_size)
+
+
+def test_kept_part_equal_to_a_taken_one() -> None:
+    # The inline text/csv (a name but no attachment disposition) stays; the
+    # text/csv attachment with the same (empty) data and type goes.
+    raw = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nSubject: test\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed;\r\n\tboundary="0.0Z"\r\n\r\n'
+        b'--0.0Z\r\nContent-Type: multipart/mixed;\r\n\tboundary="0.1Z"\r\n\r\n'
+        b'--0.1Z\r\nContent-Type: multipart/mixed;\r\n\tboundary="0.2Z"\r\n\r\n'
+        b'--0.2Z\r\nContent-Type: text/csv; name="0"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n\r\n--0.2Z--\r\n\r\n"
+        b"--0.1Z\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n\r\n--0.1Z--\r\n\r\n"
+        b"--0.0Z\r\nContent-Type: text/csv\r\nContent-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="0"\r\n\r\n\r\n--0.0Z--\r\n'
+    )
+    _check_message(Built(raw, [(b"", "0")]), 0)
