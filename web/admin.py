@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
@@ -55,7 +54,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from storage.interfaces import AccountState, Ban, Notification, StateStore
+from web.app import PAGE_HEADERS
 from web.links import BadToken, ExpiredToken, LinkSigner
+from web.templates import PartialCache
 
 __all__ = [
     "UNFREEZE_MAX_AGE",
@@ -80,15 +81,8 @@ UNFREEZE_MAX_AGE = 7 * 86400.0
 RECENT_NOTIFICATIONS = 20
 MAX_ACCOUNT_LENGTH = 320
 
-ADMIN_HEADERS: Mapping[str, str] = {
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-    "X-Frame-Options": "DENY",
-}
+# The same headers as every page of the download service.
+ADMIN_HEADERS: Mapping[str, str] = PAGE_HEADERS
 
 # --------------------------------------------------------------------------
 # Unfreeze tickets (shared with the SMTP control address)
@@ -205,10 +199,10 @@ class _Templates:
 
 
 def _load_templates() -> _Templates:
-    folder = resources.files("web.templates")
+    pages = PartialCache()
 
     def read(name: str) -> string.Template:
-        return string.Template(folder.joinpath(name).read_text(encoding="utf-8"))
+        return string.Template(pages.page(name))
 
     return _Templates(
         admin=read("admin.html"),

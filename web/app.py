@@ -47,13 +47,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate, parsedate_to_datetime
-from importlib import resources
 from urllib.parse import quote
 
 from aiohttp import web
 
 from storage.interfaces import BlobNotFound, BlobStore, LinkRecord, StateStore
 from web.links import BadToken, ExpiredToken, LinkSigner
+from web.templates import PartialCache
 
 __all__ = [
     "BLOBS_KEY",
@@ -331,11 +331,7 @@ def format_expiry(when: float) -> str:
 
 
 def _load_pages() -> _Pages:
-    folder = resources.files("web.templates")
-
-    def read(name: str) -> str:
-        return folder.joinpath(name).read_text(encoding="utf-8")
-
+    read = PartialCache().page
     return _Pages(
         landing=string.Template(read("landing.html")),
         not_found=read("not_found.html"),
