@@ -665,3 +665,20 @@ async def test_eight_bit_body_converted_for_a_seven_bit_next_hop(
     assert msg["Content-Transfer-Encoding"] == "quoted-printable"
     body = msg.get_content()
     assert body.replace("\r\n", "\n") == text.replace("\r\n", "\n")
+
+
+async def test_implicit_tls_listener(
+    make_gw: Factory, sink: CaptureSink, tls_files: tuple[Path, Path]
+) -> None:
+    gw = await make_gw({"smtp": {"listen": [], "tls_listen": ["127.0.0.1:0"]}})
+    (port,) = gw.smtp_ports
+    async with aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, use_tls=True, tls_context=client_tls(tls_files[0])
+    ) as client:
+        await client.ehlo()
+        assert client.supports_extension("auth")
+        assert not client.supports_extension("starttls")
+        await client.login(ALICE, PASSWORD)
+        await client.sendmail(ALICE, ["x@remote.test"], message())
+    assert len(sink.messages) == 1
+    assert b"with ESMTPSA" in sink.messages[0].content
