@@ -10,7 +10,6 @@ import email.policy
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +23,7 @@ from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.sink import CaptureSink
 from tests.gateway.test_retention import write_config
-from tests.helpers.gw import ALICE, base_config, deep_merge, message
+from tests.helpers.gw import ALICE, base_config, deep_merge, free_port, message
 
 ADMIN = "postmaster@example.test"
 CONTROL = "attachgate-control@gw.example.test"
@@ -133,13 +132,6 @@ async def test_recipient_limit_and_state_survive_a_restart(
     gw2 = await make_gw(HIJACK)
     code, text = await send(gw2.smtp_ports[0], ALICE, ["x@remote.test"], message())
     assert (code, text[:5]) == (550, "5.7.1"), "the freeze survives a restart"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_two_workers_share_the_limit(tmp_path: Path, sink: CaptureSink) -> None:

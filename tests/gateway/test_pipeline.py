@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,9 @@ from gateway.sink import CaptureSink
 from tests.gateway.mime.checks import check_rendered
 from tests.gateway.mime.conftest import corpus_files, load
 from tests.helpers.dnsserver import ZoneServer
-from tests.helpers.gw import ALICE, DOMAIN, base_config, deep_merge, start_gateway
+from tests.helpers.gw import ALICE, DOMAIN, base_config, deep_merge, free_port, start_gateway
 
 URL_RE = re.compile(rb"http://127\.0\.0\.1:\d+/d/[A-Za-z0-9_\-.]+")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

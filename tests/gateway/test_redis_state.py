@@ -16,7 +16,7 @@ import pytest
 from gateway.sink import CaptureSink
 from tests.gateway.test_hijack_e2e import send
 from tests.gateway.test_retention import with_attachment
-from tests.helpers.gw import ALICE, base_config, deep_merge, message, start_gateway
+from tests.helpers.gw import ALICE, base_config, deep_merge, free_port, message, start_gateway
 from tests.storage.conftest import start_redis, stop_redis
 
 
@@ -32,8 +32,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def test_linking_and_limits_with_redis_state(
     tmp_path: Path, sink: CaptureSink, redis_url: str
 ) -> None:
-    from tests.gateway.test_pipeline import free_port
-
     web_port = free_port()
     cfg = deep_merge(
         base_config(tmp_path, sink.port),

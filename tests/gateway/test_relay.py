@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.helpers.gw import (
     base_config,
     client_tls,
     deep_merge,
+    free_port,
     message,
     start_gateway,
 )
@@ -377,13 +377,6 @@ async def deliver(port: int) -> list[tuple[int, str]]:
             replies.append(await d.cmd(message() + b".\r\n"))
     await d.close()
     return replies
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_next_hop_down(make_gw: Factory) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import socket
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -128,3 +129,12 @@ def message(sender: str = ALICE, to: str = "someone@remote.test", body: str = "H
         f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: test\r\n"
         f"Date: Tue, 24 Nov 2026 08:00:00 +0000\r\nMessage-ID: <t@example.test>\r\n\r\n{body}\r\n"
     ).encode()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for configurations
+    that need the number before the server starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
