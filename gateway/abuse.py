@@ -432,6 +432,7 @@ class AbuseControl:
         self._control = parse_mailbox(control, smtputf8=True)
         self._admins = frozenset(parse_mailbox(a, smtputf8=True).key for a in hj.notify)
         self._ips: dict[str, deque[str]] = {}
+        self._clean: dict[str, float] = {}
         self._failures: deque[AuthFailure] = deque(maxlen=MAX_DIGEST_FAILURES)
         self._banned: list[tuple[str, float]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -467,8 +468,17 @@ class AbuseControl:
     async def connection_refusal(self, ip: IPAddress) -> Reply | None:
         if not self._settings.screening.enabled or self._never_banned(ip):
             return None
-        if await self._state.is_banned(str(ip), self._clock()):
+        address = str(ip)
+        now = self._clock()
+        # An address found clean is not looked up again for a moment: one
+        # state read per connection is the largest share of a short session.
+        if self._clean.get(address, 0.0) > now:
+            return None
+        if await self._state.is_banned(address, now):
             return R421_BANNED
+        if len(self._clean) >= CLEAN_CACHE_SIZE:
+            self._clean.clear()
+        self._clean[address] = now + CLEAN_CACHE_SECONDS
         return None
 
     async def auth_failed(self, ip: IPAddress, login: str, mechanism: str) -> float:
@@ -484,6 +494,7 @@ class AbuseControl:
             until = now + sc.ban_for
             reason = f"{ip_count} failed logins in {format_duration(sc.window)}"
             await self._state.ban(str(ip), until, reason, now)
+            self._clean.pop(str(ip), None)
             self._banned.append((str(ip), until))
             logs.event(
                 log,
@@ -794,6 +805,10 @@ async def bans_report(state: StateStore, now: float) -> list[dict[str, Any]]:
 
 
 ADMIN_FREEZE_REASON = "frozen by the administrator"
+# How long a "not banned" answer is trusted without asking the state store
+# again; a ban set by another worker takes effect here within this time.
+CLEAN_CACHE_SECONDS = 1.0
+CLEAN_CACHE_SIZE = 10_000
 
 
 async def lift_ban(state: StateStore, ip: str) -> bool:

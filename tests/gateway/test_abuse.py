@@ -846,3 +846,23 @@ async def test_locked_store_fails_closed_and_counts_nothing(make_env: EnvFactory
         other.close()
         await locked.close()
     assert await env.state.count(f"hijack:msg:{ALICE}", env.clock.now, 3600) == 0
+
+
+async def test_a_ban_by_another_worker_takes_effect_within_a_second(
+    make_env: EnvFactory,
+) -> None:
+    from gateway.abuse import CLEAN_CACHE_SECONDS
+
+    first = await make_env()
+    second = await make_env(path=first.path)
+    second.clock.now = first.clock.now
+    bad = ip("192.0.2.66")
+    # The second worker has just seen this address clean.
+    assert await second.abuse.connection_refusal(bad) is None
+    for i in range(3):
+        await first.abuse.auth_failed(bad, f"user{i}@x.example", "PLAIN")
+    assert await first.abuse.connection_refusal(bad) is R421_BANNED
+    # Within the cache time the second still trusts its answer; after it, not.
+    assert await second.abuse.connection_refusal(bad) is None
+    second.clock.advance(CLEAN_CACHE_SECONDS + 0.001)
+    assert await second.abuse.connection_refusal(bad) is R421_BANNED
