@@ -56,6 +56,7 @@ log = logging.getLogger("attachgate.protocol")
 
 END_OF_DATA: Final = b"\r\n.\r\n"
 _MARKER_TAIL: Final = len(END_OF_DATA) - 1
+_DOT_LINE: Final = b"\r\n."
 # What ends a line of the message that the terminator follows; it belongs to the message.
 _CRLF: Final = b"\r\n"
 # StreamReader.read(n) returns at most what is buffered; asking for "everything" empties
@@ -94,7 +95,16 @@ class DataReceiver:
     special cases.
     """
 
-    __slots__ = ("_buf", "_done", "_limit", "_overflow", "_received", "_scan_from", "_size")
+    __slots__ = (
+        "_buf",
+        "_done",
+        "_dots",
+        "_limit",
+        "_overflow",
+        "_received",
+        "_scan_from",
+        "_size",
+    )
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -104,6 +114,7 @@ class DataReceiver:
         self._overflow = False
         self._done = False
         self._size = 0
+        self._dots = False  # a line starting with "." was seen (stuffing to undo)
 
     @property
     def done(self) -> bool:
@@ -128,7 +139,7 @@ class DataReceiver:
         buf = self._buf
         self._received += len(chunk)
         buf += chunk
-        idx = buf.find(END_OF_DATA, self._scan_from)
+        idx = self._find_end()
         if idx < 0:
             # Up to ".\r" of the terminator may already be here; the rest is message.
             if not self._overflow and self._received - 2 > self._limit:
@@ -137,8 +148,6 @@ class DataReceiver:
                 # Draining: keep only what may be the start of a split marker.
                 del buf[:-_MARKER_TAIL]
                 self._scan_from = 0
-            else:
-                self._scan_from = max(0, len(buf) - _MARKER_TAIL)
             return None
         end = idx + len(END_OF_DATA)
         leftover = bytes(buf[end:])
@@ -149,6 +158,31 @@ class DataReceiver:
         if self._overflow:
             buf.clear()
         return leftover
+
+    def _find_end(self) -> int:
+        """Where the end-of-data marker starts, or -1.
+
+        One pass finds every line that starts with a dot: the marker is the
+        first such line that is nothing but the dot; any other means there
+        is dot-stuffing to undo. Where fewer than two bytes follow a dot line
+        the next chunk decides, so the next scan starts there.
+        """
+        buf = self._buf
+        pos = self._scan_from
+        while True:
+            idx = buf.find(_DOT_LINE, pos)
+            if idx < 0:
+                # A CR LF "." split across chunks may start in the last 2 bytes.
+                self._scan_from = max(pos, len(buf) - len(_DOT_LINE) + 1)
+                return -1
+            after = buf[idx + len(_DOT_LINE) : idx + len(END_OF_DATA)]
+            if len(after) < len(_CRLF):
+                self._scan_from = idx
+                return -1
+            if after == _CRLF:
+                return idx
+            self._dots = True
+            pos = idx + len(_DOT_LINE)
 
     def message(self) -> bytes:
         """The content: dot-stuffing undone, line endings normalised.
@@ -161,8 +195,8 @@ class DataReceiver:
         self._buf = bytearray()
         # RFC 5321 4.5.2: the first dot of every line that starts with one goes (the
         # terminator is already cut off), which for "..x" is undoing the stuffing.
-        if b"\r\n." in buf:
-            buf = buf.replace(b"\r\n.", b"\r\n")
+        if self._dots:
+            buf = buf.replace(_DOT_LINE, _CRLF)
         del buf[: len(_CRLF)]
         data = bytes(buf)
         del buf
