@@ -37,6 +37,8 @@ from web.links import LinkSigner
 log = logging.getLogger("attachgate")
 
 DRAIN_TIMEOUT = 30.0
+# A notification the next hop could not take is tried again after these.
+NOTIFY_RETRY_DELAYS = (60.0, 300.0, 1800.0)
 
 
 def load_dkim_keys(settings: Settings) -> tuple[list[DkimKey], list[str]]:
@@ -110,6 +112,7 @@ class Gateway:
         self.handler: Handler | None = None
         self.processor: MessageProcessor | None = None
         self.abuse: AbuseControl | None = None
+        self.notifier: Notifier | None = None
         self.link_signer: LinkSigner | None = None
         self.web_port: int | None = None
 
@@ -176,7 +179,9 @@ class Gateway:
             sender=f"postmaster@{s.smtp.hostname}",
             state=stores.state,
             clock=self.clock,
+            retry_delays=NOTIFY_RETRY_DELAYS,
         )
+        self.notifier = notifier
         self.abuse = AbuseControl(
             settings=s,
             directory=directory,
@@ -246,6 +251,8 @@ class Gateway:
             self._runner = None
         if self.abuse is not None:
             await self.abuse.drain()
+        if self.notifier is not None:
+            await self.notifier.close()
         if self.next_hop is not None:
             await self.next_hop.close()
         if self.stores is not None:

@@ -10,8 +10,10 @@ what was sent and what failed.
 De-duplication: a caller passes ``dedup_key`` and ``dedup_for``; the first
 caller per key within that time (across every worker sharing the state
 store, through ``claim_once``) sends, the others get ``False``. The claim is
-taken before the message goes out, so a failed send is not retried until
-``dedup_for`` has passed; the failure is logged at ERROR level.
+taken before the message goes out, so the worker that took it owns the
+notification: when the next hop was unreachable or answered 4xx, that worker
+tries again after each of ``retry_delays`` (in the background; a 5xx or a
+success ends it). Every failed attempt is logged at ERROR level.
 
 A notification never raises into the SMTP session that caused it: any error
 (the next hop, the state store) is logged and :meth:`Notifier.send` answers
@@ -23,6 +25,7 @@ This module defines no exceptions of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -78,12 +81,15 @@ class Notifier:
         sender: str | None,
         state: StateStore,
         clock: Callable[[], float] = time.time,
+        retry_delays: Sequence[float] = (),
     ) -> None:
         self._next_hop = next_hop
         self._hostname = hostname
         self._sender = sender or f"postmaster@{hostname}"
         self._state = state
         self._clock = clock
+        self._retry_delays = tuple(retry_delays)
+        self._retries: set[asyncio.Task[None]] = set()
 
     @property
     def sender(self) -> str:
@@ -121,13 +127,33 @@ class Notifier:
                 now=now,
                 reply_to=reply_to,
             )
-            outcome = await self._deliver(rcpts, content)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("notification %s could not be sent", kind)
             await self._record(kind, subject, rcpts, {r: "error" for r in rcpts})
             return False
+        sent, temporary = await self._attempt(kind, subject, rcpts, content)
+        if not sent and temporary and self._retry_delays:
+            task = asyncio.get_running_loop().create_task(
+                self._retry(kind, subject, rcpts, content)
+            )
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+        return sent
+
+    async def _attempt(
+        self, kind: str, subject: str, rcpts: list[str], content: bytes
+    ) -> tuple[bool, bool]:
+        """One delivery attempt: (sent to anyone, failure worth retrying)."""
+        try:
+            outcome = await self._deliver(rcpts, content)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("notification %s could not be sent", kind)
+            await self._record(kind, subject, rcpts, {r: "error" for r in rcpts})
+            return False, True
         await self._record(kind, subject, rcpts, outcome)
         sent = any(v == "sent" for v in outcome.values())
         logs.event(
@@ -138,7 +164,28 @@ class Notifier:
             rcpts=",".join(rcpts),
             outcome=",".join(f"{r}:{v}" for r, v in outcome.items()),
         )
-        return sent
+        temporary = any(v.startswith("refused 4") for v in outcome.values())
+        return sent, temporary
+
+    async def _retry(self, kind: str, subject: str, rcpts: list[str], content: bytes) -> None:
+        for delay in self._retry_delays:
+            await asyncio.sleep(delay)
+            sent, temporary = await self._attempt(kind, subject, rcpts, content)
+            if sent or not temporary:
+                return
+        logs.event(log, "notification-given-up", logging.ERROR, kind=kind, rcpts=",".join(rcpts))
+
+    @property
+    def pending_retries(self) -> int:
+        return len(self._retries)
+
+    async def close(self) -> None:
+        """Stop pending retries (shutdown)."""
+        for task in list(self._retries):
+            task.cancel()
+        for task in list(self._retries):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _deliver(self, rcpts: list[str], content: bytes) -> dict[str, str]:
         """Per recipient: ``sent`` or the next hop's reply code."""

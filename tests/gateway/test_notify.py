@@ -244,3 +244,35 @@ async def test_no_recipients_sends_nothing(
     assert not await notifier.send("t", [], "s", "b", dedup_key=None, dedup_for=0)
     assert recorder.received == []
     assert await state.recent_notifications(5) == []
+
+
+async def test_temporary_failure_is_retried_in_the_background(tmp_path: Path, sink: Any) -> None:
+    state = await SqliteStateStore.open(tmp_path / "state.db")
+    hop = next_hop_for(sink.port)
+    notifier = Notifier(
+        next_hop=hop, hostname="gw.test", sender=None, state=state, retry_delays=(0.05, 0.05)
+    )
+    try:
+        sink.faults.data = "451 4.3.0 try again later"
+        sent = await notifier.send(
+            "hijack", ["admin@example.com"], "s", "b", dedup_key="k", dedup_for=60
+        )
+        assert sent is False
+        assert notifier.pending_retries == 1
+        sink.faults.data = None
+        messages = await sink.wait_for(1)
+        assert messages[0].rcpt_tos == ["admin@example.com"]
+        async with asyncio.timeout(5):
+            while notifier.pending_retries:  # the retry records its outcome
+                await asyncio.sleep(0.01)
+        # A permanent refusal is not tried again.
+        sink.faults.data = "554 5.7.1 no"
+        sent = await notifier.send(
+            "hijack", ["admin@example.com"], "s2", "b", dedup_key="k2", dedup_for=60
+        )
+        assert sent is False
+        assert notifier.pending_retries == 0
+    finally:
+        await notifier.close()
+        await hop.close()
+        await state.close()
