@@ -235,3 +235,36 @@ async def test_duplicate_singleton_headers_refused_before_signing(
     code, text = await send(linking_gw.smtp_ports[0], raw)
     assert (code, text[:5]) == (550, "5.7.1"), text
     assert sink.messages == []
+
+
+async def test_eight_bit_body_is_converted_before_signing(
+    tmp_path: Path, dkim_keys: dict[str, Any], zone: ZoneServer
+) -> None:
+    """A next hop without 8BITMIME: the body is converted to 7 bit first, so
+    the signature covers the bytes that leave (RFC 6152, RFC 6376 §5.3)."""
+    seven_bit = CaptureSink(eight_bit=False)
+    await seven_bit.start()
+    cfg = deep_merge(
+        base_config(tmp_path, seven_bit.port),
+        {
+            "smtp": {"trusted_networks": ["127.0.0.1/32"]},
+            "domains": {DOMAIN: {"dkim_selector": "rsa1", "dkim_key_file": str(dkim_keys["rsa1"])}},
+        },
+    )
+    gw = await start_gateway(cfg)
+    try:
+        raw = (
+            f"From: <{ALICE}>\r\nTo: <x@remote.test>\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+            "Date: Tue, 24 Nov 2026 08:00:00 +0000\r\nMessage-ID: <e@example.test>\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            "Grüße aus Köln\r\n"
+        ).encode()
+        code, text = await send(gw.smtp_ports[0], raw)
+        assert code == 250, text
+        out = seven_bit.messages[0].content
+        assert out.isascii()
+        assert b"Content-Transfer-Encoding: quoted-printable" in out
+        assert dkim.verify(out, dnsfunc=dnsfunc(zone))
+    finally:
+        await gw.close(drain=1)
+        await seven_bit.close()
