@@ -191,7 +191,7 @@ def format_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-_TOKEN_RE = re.compile(r"\[unfreeze:([A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+){2})\]")
+_TOKEN_RE = re.compile(r"\[unfreeze:(\.?[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+){2})\]")
 
 
 def find_unfreeze_tokens(texts: Sequence[str]) -> list[str]:

@@ -32,7 +32,8 @@ __all__ = ["BadToken", "ExpiredToken", "LinkError", "LinkSigner", "new_link_id"]
 
 # Tokens are URL-safe base64 pieces joined by dots; anything else is rejected
 # before any decoding is attempted, and so is anything absurdly long.
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+){2}")
+# itsdangerous marks a compressed payload with a leading ".".
+_TOKEN_RE = re.compile(r"\.?[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+){2}")
 MAX_TOKEN_LENGTH = 512
 
 
