@@ -29,7 +29,6 @@ from gateway.delivery import DeliveryError, HopReply, NextHop, Transaction
 from gateway.passwords import PasswordChecker
 from gateway.policy.accounts import Account, Directory, IPAddress
 from gateway.policy.relay import Client, Refused, check_sender, may_relay
-from gateway.protocol import normalize_line_endings
 from gateway.replies import (
     R250_QUEUED,
     R451_INTERNAL,
@@ -79,7 +78,9 @@ class Processed:
 
 
 class Processor(Protocol):
-    async def process(self, tx: TxInfo, content: bytes) -> Processed: ...
+    async def process(self, tx: TxInfo, content: bytes) -> Processed:
+        """``content`` has CRLF line ends only (the DATA reader saw to it); so
+        must ``Processed.content``: it goes to the next hop as it is."""
 
     async def discard(self, processed: Processed) -> None:
         """The next hop did not take the message: undo what ``process`` stored."""
@@ -505,7 +506,7 @@ class Handler:
         tx_info.seven_bit = not tx.eightbit
         processed = await self.s.processor.process(tx_info, header + content)
         try:
-            hop = await tx.data(normalize_line_endings(processed.content))
+            hop = await tx.data(processed.content)
         except DeliveryError as exc:
             info.tx = None
             await self.s.processor.discard(processed)

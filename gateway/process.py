@@ -34,6 +34,7 @@ from gateway.mime.rewrite import (
     Templates,
     plan,
 )
+from gateway.protocol import normalize_line_endings
 from gateway.replies import R550_UNPARSABLE, R554_NEEDS_8BITMIME, policy_reply
 from storage.interfaces import BlobStore, LinkRecord, StateStore
 from web.links import LinkSigner, new_link_id
@@ -107,7 +108,7 @@ class MessageProcessor:
                     raise MessageRefused(R550_UNPARSABLE, str(exc)) from exc
         if tx.seven_bit and not content.isascii():
             try:
-                content = await self._mime(to_7bit, content)
+                content = normalize_line_endings(await self._mime(to_7bit, content))
             except DowngradeError as exc:
                 await self.discard(Processed(content, link_ids))
                 raise MessageRefused(
@@ -177,6 +178,9 @@ class MessageProcessor:
         ids = [r.link_id for r in records]
         try:
             rendered = await self._mime(found.render, notices, ctx.templates, size=len(content))
+            # Notice templates are the administrator's text: whatever line ends
+            # they carry, what leaves has CRLF only.
+            rendered = normalize_line_endings(rendered)
         except BaseException:
             await ctx.state.delete_links(ids)
             raise

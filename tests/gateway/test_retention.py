@@ -154,3 +154,22 @@ async def test_gc_removes_expired_links_and_their_blobs_only(
     res = attachgate("quota", "recalc", config=config)
     assert res.returncode == 0, res.stderr
     assert f"{BOB}  500" in res.stdout
+
+
+async def test_notice_templates_with_bare_line_feeds_leave_as_crlf(
+    tmp_path: Path, make_gw: Factory, sink: CaptureSink
+) -> None:
+    from gateway.mime import notice
+    from tests.gateway.test_relay import bare
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    defaults = Path(notice.__file__).parent / "templates"
+    for name in ("notice.txt", "notice.html"):
+        text = (defaults / name).read_bytes().replace(b"\r\n", b"\n")
+        (templates / name).write_bytes(text + b"\nthird line\rwith a bare CR\n")
+    gw = await make_gw(deep_merge(LINKING, {"linking": {"templates_dir": str(templates)}}))
+    assert (await send(gw.smtp_ports[0], BOB, with_attachment(BOB, os.urandom(600))))[0] == 250
+    out = sink.messages[0].content
+    assert b"third line" in out
+    assert not bare(out)
