@@ -330,32 +330,12 @@ class Handler:
             client, sender, self.s.directory, self.s.settings.policy, self._trusted
         )
         if isinstance(decision, Refused):
-            logs.event(
-                log,
-                "mail-refused",
-                session=info.id,
-                ip=info.ip,
-                login=info.login,
-                sender=sender,
-                case=decision.case,
-                reply=decision.reply.code,
-            )
-            return str(decision.reply)
+            return self._mail_refused(info, sender, decision.case, decision.reply)
         account = decision.account
         if account is not None:
             refusal = await self.s.abuse.sender_refusal(account)
             if refusal is not None:
-                logs.event(
-                    log,
-                    "mail-refused",
-                    session=info.id,
-                    ip=info.ip,
-                    login=info.login,
-                    sender=sender,
-                    account=account.address,
-                    reply=refusal.code,
-                )
-                return str(refusal)
+                return self._mail_refused(info, sender, "account-state", refusal, account)
         info.tx_info = TxInfo(
             session_id=info.id,
             client=client,
@@ -368,6 +348,27 @@ class Handler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
+
+    @staticmethod
+    def _mail_refused(
+        info: SessionInfo,
+        sender: Address | None,
+        case: str,
+        reply: Reply,
+        account: Account | None = None,
+    ) -> str:
+        logs.event(
+            log,
+            "mail-refused",
+            session=info.id,
+            ip=info.ip,
+            login=info.login,
+            sender=sender,
+            account=account.address if account else None,
+            case=case,
+            reply=reply.code,
+        )
+        return str(reply)
 
     async def _open_next_hop(self, info: SessionInfo, envelope: Any) -> Transaction | HopReply:
         tx_info = info.tx_info

@@ -73,27 +73,30 @@ def check_sender(
             return _policy(policy, "unknown_account")
         if sender is None or sender.key not in account.send_as:
             return _policy(policy, "sender_not_allowed")
-        if account.disabled:
-            return _policy(policy, "disabled_account")
-        if not directory.shield_allows(sender.domain, client.ip):
-            return _policy(policy, "ip_shield")
-        return SenderOK(account)
+        return _usable(account, sender, client, directory, policy)
 
     if not is_trusted(client.ip, trusted_networks):
         # Strangers may start a transaction; RCPT decides (control address only).
         return SenderOK(None)
-    if sender is None:
-        return SenderOK(None)
-    if not directory.is_local_domain(sender.domain):
+    if sender is None or not directory.is_local_domain(sender.domain):
         return SenderOK(None)
     account = directory.account_for_sender(sender.key)
-    if account is None and directory.is_admin(sender.key):
-        if not directory.shield_allows(sender.domain, client.ip):
-            return _policy(policy, "ip_shield")
-        return SenderOK(None)
-    if account is None:
+    if account is None and not directory.is_admin(sender.key):
         return _policy(policy, "unknown_account")
-    if account.disabled:
+    return _usable(account, sender, client, directory, policy)
+
+
+def _usable(
+    account: Account | None,
+    sender: Address,
+    client: Client,
+    directory: Directory,
+    policy: PolicySettings,
+) -> SenderOK | Refused:
+    """The checks every sender in a local domain passes: the account is
+    enabled (an administrator's address may have none) and the domain's IP
+    shield lets the client in."""
+    if account is not None and account.disabled:
         return _policy(policy, "disabled_account")
     if not directory.shield_allows(sender.domain, client.ip):
         return _policy(policy, "ip_shield")
