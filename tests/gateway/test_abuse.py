@@ -44,9 +44,11 @@ from gateway.notify import Notifier
 from gateway.policy.accounts import Account, Directory, WindowLimit
 from gateway.policy.relay import Client
 from gateway.replies import R421_BANNED, Reply
+from gateway.sink import CaptureSink
 from storage.interfaces import LinkRecord, StateUnavailable
 from storage.sqlite import SqliteStateStore
-from tests.gateway.test_notify import FakeClock, RecordingSink, next_hop_for, running_recorder
+from tests.gateway.test_notify import next_hop_for, parsed, running_recorder
+from tests.helpers.clock import FakeClock
 from web.admin import UNFREEZE_SALT, make_unfreeze_signer, read_unfreeze_token
 from web.links import LinkSigner
 
@@ -108,7 +110,7 @@ class Env:
     directory: Directory
     state: SqliteStateStore
     clock: FakeClock
-    recorder: RecordingSink
+    recorder: CaptureSink
     hop: NextHop
     abuse: AbuseControl
     path: Path
@@ -127,7 +129,7 @@ class Env:
 
     async def notices(self) -> list[EmailMessage]:
         await self.abuse.drain()
-        return [r.message() for r in self.recorder.received]
+        return [parsed(r) for r in self.recorder.messages]
 
 
 def tx_for(account: Account, *, ip: str = CLIENT_IP, sender: str | None = "") -> TxInfo:
@@ -173,13 +175,13 @@ EnvFactory = Callable[..., Awaitable[Env]]
 
 
 @pytest.fixture
-async def recorder() -> AsyncIterator[RecordingSink]:
+async def recorder() -> AsyncIterator[CaptureSink]:
     async with running_recorder() as sink:
         yield sink
 
 
 @pytest.fixture
-async def make_env(tmp_path: Path, recorder: RecordingSink) -> AsyncIterator[EnvFactory]:
+async def make_env(tmp_path: Path, recorder: CaptureSink) -> AsyncIterator[EnvFactory]:
     envs: list[Env] = []
 
     async def build(*, path: Path | None = None, **kwargs: Any) -> Env:
@@ -355,7 +357,7 @@ async def test_max_messages_plus_one_freezes_and_notifies_once(
     assert await env.message(account=BOB) == [None]
     notices = await env.notices()
     assert len(notices) == 1
-    assert sorted(env.recorder.received[0].rcpt_tos) == [ADMIN, OPS]
+    assert sorted(env.recorder.messages[0].rcpt_tos) == [ADMIN, OPS]
     notice = notices[0]
     assert notice["Auto-Submitted"] == "auto-generated"
     assert notice["Reply-To"] == "attachgate-control@gw.test"
@@ -463,7 +465,7 @@ async def test_two_workers_share_the_limit_and_send_one_notice(make_env: EnvFact
     assert results.count(None) == 5
     await first.abuse.drain()
     await second.abuse.drain()
-    assert len(first.recorder.received) == 1
+    assert len(first.recorder.messages) == 1
 
 
 async def test_over_quota_only_when_linking_is_on(make_env: EnvFactory) -> None:
@@ -768,7 +770,7 @@ async def test_digest_content_and_rate(env: Env) -> None:
     await env.abuse.auth_failed(first, "evil\r\nBcc: x@y", "PLAIN")
     notices = await env.notices()
     assert len(notices) == 1
-    assert env.recorder.received[0].rcpt_tos == [ADMIN]
+    assert env.recorder.messages[0].rcpt_tos == [ADMIN]
     assert "192.0.2.66" in str(notices[0]["Subject"])
     body = body_of(notices[0])
     assert "Banned addresses:\n  192.0.2.66 until 2026-09-21 15:13:20 UTC" in body

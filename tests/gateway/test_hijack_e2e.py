@@ -12,18 +12,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiosmtplib
 import pytest
 
-from gateway.app import Gateway
-from gateway.config import Settings
 from gateway.sink import CaptureSink
 from tests.gateway.test_retention import write_config
-from tests.helpers.gw import ALICE, base_config, deep_merge, free_port, message
+from tests.helpers.gw import ALICE, GatewayFactory, base_config, deep_merge, free_port, message
 
 ADMIN = "postmaster@example.test"
 CONTROL = "attachgate-control@gw.example.test"
@@ -31,25 +27,6 @@ HIJACK = {
     "smtp": {"trusted_networks": ["127.0.0.1/32"], "max_recipients": 50},
     "hijack": {"max_messages": 3, "max_recipients": 20, "window": "1h", "notify": [ADMIN]},
 }
-Factory = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def make_gw(tmp_path: Path, sink: CaptureSink) -> AsyncIterator[Factory]:
-    started: list[Gateway] = []
-
-    async def make(*extra: dict[str, Any]) -> Gateway:
-        cfg = base_config(tmp_path, sink.port)
-        for e in extra:
-            cfg = deep_merge(cfg, e)
-        gw = Gateway(Settings(**cfg))
-        await gw.start()
-        started.append(gw)
-        return gw
-
-    yield make
-    for gw in started:
-        await gw.close(drain=1)
 
 
 async def send(port: int, sender: str, rcpts: list[str], raw: bytes) -> tuple[int, str]:
@@ -80,7 +57,7 @@ def reply_to(notice: bytes, sender: str = ADMIN) -> bytes:
 
 @pytest.mark.parametrize(("mode", "expected"), [("trial", 450), ("production", 550)])
 async def test_message_limit_freezes_notifies_once_and_reply_unfreezes(
-    make_gw: Factory, sink: CaptureSink, mode: str, expected: int
+    make_gw: GatewayFactory, sink: CaptureSink, mode: str, expected: int
 ) -> None:
     gw = await make_gw(HIJACK, {"policy": {"mode": mode}})
     port = gw.smtp_ports[0]
@@ -120,7 +97,7 @@ async def test_message_limit_freezes_notifies_once_and_reply_unfreezes(
 
 
 async def test_recipient_limit_and_state_survive_a_restart(
-    make_gw: Factory, sink: CaptureSink
+    make_gw: GatewayFactory, sink: CaptureSink
 ) -> None:
     gw = await make_gw(HIJACK)
     port = gw.smtp_ports[0]
@@ -185,7 +162,7 @@ async def test_two_workers_share_the_limit(tmp_path: Path, sink: CaptureSink) ->
 
 
 async def test_locked_state_fails_closed(
-    make_gw: Factory, sink: CaptureSink, tmp_path: Path
+    make_gw: GatewayFactory, sink: CaptureSink, tmp_path: Path
 ) -> None:
     import sqlite3
 

@@ -1,6 +1,6 @@
 """Administrator notifications sent through a real next hop to a recording sink.
 
-``RecordingSink`` (an aiosmtpd server on a loopback port chosen by the kernel,
+``CaptureSink`` (an aiosmtpd server on a loopback port chosen by the kernel,
 in the test's own event loop) is also used by the abuse and admin tests.
 """
 
@@ -11,86 +11,38 @@ import contextlib
 import email
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.config import NextHopSettings
 from gateway.delivery import NextHop
 from gateway.notify import Notifier, build_notification
+from gateway.sink import Captured, CaptureSink
 from storage.sqlite import SqliteStateStore
-
-T0 = 1_790_000_000.0
-
-
-class FakeClock:
-    """A clock that stands still until a test moves it."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.helpers.clock import T0, FakeClock
 
 
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    content: bytes
-
-    def message(self) -> EmailMessage:
-        return email.message_from_bytes(self.content, _class=EmailMessage, policy=default_policy)
-
-
-@dataclass
-class RecordingSink:
-    """Records every envelope; refuses the recipients named in ``refuse``."""
-
-    port: int = 0
-    received: list[Received] = field(default_factory=list)
-    refuse: set[str] = field(default_factory=set)
-
-    async def handle_RCPT(
-        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if address in self.refuse:
-            return "550 5.1.1 No such user here"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), content))
-        return "250 2.0.0 Stored"
+def parsed(captured: Captured) -> EmailMessage:
+    return email.message_from_bytes(captured.content, _class=EmailMessage, policy=default_policy)
 
 
 @contextlib.asynccontextmanager
-async def running_recorder() -> AsyncIterator[RecordingSink]:
-    """A RecordingSink listening on a loopback port of the kernel's choice."""
-    sink = RecordingSink()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(sink, hostname="sink.test", loop=loop), "127.0.0.1", 0
-    )
-    sink.port = server.sockets[0].getsockname()[1]
+async def running_recorder() -> AsyncIterator[CaptureSink]:
+    """The capture sink on a loopback port of the kernel's choice."""
+    sink = CaptureSink()
+    await sink.start()
     try:
         yield sink
     finally:
-        server.close()
-        await server.wait_closed()
+        await sink.close()
 
 
 @pytest.fixture
-async def recorder() -> AsyncIterator[RecordingSink]:
+async def recorder() -> AsyncIterator[CaptureSink]:
     async with running_recorder() as sink:
         yield sink
 
@@ -109,7 +61,7 @@ async def state(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
 
 
 @pytest.fixture
-async def hop(recorder: RecordingSink) -> AsyncIterator[NextHop]:
+async def hop(recorder: CaptureSink) -> AsyncIterator[NextHop]:
     next_hop = next_hop_for(recorder.port)
     yield next_hop
     await next_hop.close()
@@ -139,7 +91,7 @@ def test_built_message_is_well_formed() -> None:
 
 
 async def test_send_reaches_the_next_hop_and_is_logged(
-    recorder: RecordingSink, hop: NextHop, state: SqliteStateStore
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
 ) -> None:
     clock = FakeClock()
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender=None, state=state, clock=clock)
@@ -147,11 +99,11 @@ async def test_send_reaches_the_next_hop_and_is_logged(
         "hijack", ["admin@example.com"], "Subject here", "Body here\n", dedup_key=None, dedup_for=0
     )
     assert ok
-    assert len(recorder.received) == 1
-    got = recorder.received[0]
+    assert len(recorder.messages) == 1
+    got = recorder.messages[0]
     assert got.mail_from == "postmaster@gw.test"
     assert got.rcpt_tos == ["admin@example.com"]
-    msg = got.message()
+    msg = parsed(got)
     assert msg["Subject"] == "Subject here"
     assert msg["From"] == "attachgate <postmaster@gw.test>"
     notes = await state.recent_notifications(10)
@@ -162,16 +114,16 @@ async def test_send_reaches_the_next_hop_and_is_logged(
 
 
 async def test_configured_sender_is_used(
-    recorder: RecordingSink, hop: NextHop, state: SqliteStateStore
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
 ) -> None:
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender="alerts@example.com", state=state)
     assert await notifier.send("t", ["a@example.com"], "s", "b", dedup_key=None, dedup_for=0)
-    assert recorder.received[0].mail_from == "alerts@example.com"
-    assert recorder.received[0].message()["From"] == "attachgate <alerts@example.com>"
+    assert recorder.messages[0].mail_from == "alerts@example.com"
+    assert parsed(recorder.messages[0])["From"] == "attachgate <alerts@example.com>"
 
 
 async def test_dedup_key_sends_once_per_period(
-    recorder: RecordingSink, hop: NextHop, state: SqliteStateStore
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
 ) -> None:
     clock = FakeClock()
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender=None, state=state, clock=clock)
@@ -184,29 +136,29 @@ async def test_dedup_key_sends_once_per_period(
     assert not await notifier.send("d", ["a@example.com"], "s", "b", dedup_key="k", dedup_for=600)
     clock.advance(1)
     assert await notifier.send("d", ["a@example.com"], "s", "b", dedup_key="k", dedup_for=600)
-    assert len(recorder.received) == 2
+    assert len(recorder.messages) == 2
 
 
 async def test_refused_recipient_is_recorded_and_others_still_get_it(
-    recorder: RecordingSink, hop: NextHop, state: SqliteStateStore
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
 ) -> None:
-    recorder.refuse.add("gone@example.com")
+    recorder.faults.rcpt["gone@example.com"] = "550 5.1.1 No such user here"
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender=None, state=state)
     assert await notifier.send(
         "t", ["gone@example.com", "here@example.com"], "s", "b", dedup_key=None, dedup_for=0
     )
-    assert recorder.received[0].rcpt_tos == ["here@example.com"]
+    assert recorder.messages[0].rcpt_tos == ["here@example.com"]
     statuses = {n.recipient: n.details["status"] for n in await state.recent_notifications(5)}
     assert statuses == {"gone@example.com": "refused 550", "here@example.com": "sent"}
 
 
 async def test_all_recipients_refused_sends_nothing(
-    recorder: RecordingSink, hop: NextHop, state: SqliteStateStore
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
 ) -> None:
-    recorder.refuse.add("gone@example.com")
+    recorder.faults.rcpt["gone@example.com"] = "550 5.1.1 No such user here"
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender=None, state=state)
     assert not await notifier.send("t", ["gone@example.com"], "s", "b", dedup_key=None, dedup_for=0)
-    assert recorder.received == []
+    assert recorder.messages == []
 
 
 async def test_unreachable_next_hop_returns_false_and_never_raises(
@@ -228,21 +180,21 @@ async def test_unreachable_next_hop_returns_false_and_never_raises(
 
 
 async def test_broken_state_store_returns_false(
-    recorder: RecordingSink, hop: NextHop, tmp_path: Path
+    recorder: CaptureSink, hop: NextHop, tmp_path: Path
 ) -> None:
     store = await SqliteStateStore.open(tmp_path / "closed.db")
     await store.close()
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender=None, state=store)
     assert not await notifier.send("t", ["a@example.com"], "s", "b", dedup_key="k", dedup_for=60)
-    assert recorder.received == []
+    assert recorder.messages == []
 
 
 async def test_no_recipients_sends_nothing(
-    recorder: RecordingSink, hop: NextHop, state: SqliteStateStore
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
 ) -> None:
     notifier = Notifier(next_hop=hop, hostname="gw.test", sender=None, state=state)
     assert not await notifier.send("t", [], "s", "b", dedup_key=None, dedup_for=0)
-    assert recorder.received == []
+    assert recorder.messages == []
     assert await state.recent_notifications(5) == []
 
 

@@ -7,26 +7,14 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gateway.sink import CaptureSink
 from tests.gateway.test_hijack_e2e import send
 from tests.gateway.test_retention import with_attachment
 from tests.helpers.gw import ALICE, base_config, deep_merge, free_port, message, start_gateway
-from tests.storage.conftest import start_redis, stop_redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        stop_redis(server)
 
 
 async def test_linking_and_limits_with_redis_state(

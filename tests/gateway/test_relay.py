@@ -6,21 +6,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
 
-from gateway.app import Gateway
 from gateway.sink import CaptureSink
+from tests.gateway.test_protocol import SMUGGLING_VARIANTS
 from tests.helpers.gw import (
     ALICE,
     BOB,
     DOMAIN,
     PASSWORD,
     Dialogue,
+    GatewayFactory,
     base_config,
     client_tls,
     deep_merge,
@@ -29,27 +30,7 @@ from tests.helpers.gw import (
     start_gateway,
 )
 
-Factory = Callable[..., Awaitable[Gateway]]
 TRUST_LOCAL = {"smtp": {"trusted_networks": ["127.0.0.1/32"]}}
-
-
-@pytest.fixture
-async def make_gw(
-    tmp_path: Path, sink: CaptureSink, tls_files: tuple[Path, Path]
-) -> AsyncIterator[Factory]:
-    started: list[Gateway] = []
-
-    async def make(*overrides: dict[str, Any]) -> Gateway:
-        cfg = base_config(tmp_path, sink.port, tls_files)
-        for extra in overrides:
-            cfg = deep_merge(cfg, extra)
-        gw = await start_gateway(cfg)
-        started.append(gw)
-        return gw
-
-    yield make
-    for gw in started:
-        await gw.close(drain=1)
 
 
 async def authed(port: int, tls_files: tuple[Path, Path], login: str = ALICE) -> Dialogue:
@@ -78,7 +59,9 @@ async def send_body(d: Dialogue, body: bytes) -> tuple[int, str]:
 # --- AUTH ----------------------------------------------------------------------
 
 
-async def test_auth_offered_only_after_tls(make_gw: Factory, tls_files: tuple[Path, Path]) -> None:
+async def test_auth_offered_only_after_tls(
+    make_gw: GatewayFactory, tls_files: tuple[Path, Path]
+) -> None:
     gw = await make_gw()
     d = await Dialogue.open(gw.smtp_ports[0])
     await d.reply()
@@ -94,7 +77,7 @@ async def test_auth_offered_only_after_tls(make_gw: Factory, tls_files: tuple[Pa
 
 
 async def test_auth_plain_login_and_wrong_password(
-    make_gw: Factory, tls_files: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+    make_gw: GatewayFactory, tls_files: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     gw = await make_gw()
     port = gw.smtp_ports[0]
@@ -136,7 +119,7 @@ async def test_auth_plain_login_and_wrong_password(
 @pytest.mark.parametrize("rcpt", [f"carol@{DOMAIN}", "someone@remote.test"])
 @pytest.mark.parametrize("sender", ["own", "foreign"])
 async def test_relay_matrix(
-    make_gw: Factory,
+    make_gw: GatewayFactory,
     sink: CaptureSink,
     tls_files: tuple[Path, Path],
     who: str,
@@ -200,7 +183,7 @@ CASES: list[tuple[str, dict[str, Any], str, str, tuple[str, str]]] = [
 @pytest.mark.parametrize("mode", ["trial", "production"])
 @pytest.mark.parametrize(("case", "config", "how", "sender", "codes"), CASES)
 async def test_reject_policy(
-    make_gw: Factory,
+    make_gw: GatewayFactory,
     sink: CaptureSink,
     tls_files: tuple[Path, Path],
     mode: str,
@@ -220,7 +203,7 @@ async def test_reject_policy(
     assert sink.messages == []
 
 
-async def test_policy_case_override(make_gw: Factory) -> None:
+async def test_policy_case_override(make_gw: GatewayFactory) -> None:
     gw = await make_gw(TRUST_LOCAL, {"policy": {"mode": "trial", "unknown_account": "permanent"}})
     d = await plain(gw.smtp_ports[0])
     code, text = await d.cmd(f"MAIL FROM:<nobody@{DOMAIN}>")
@@ -229,7 +212,7 @@ async def test_policy_case_override(make_gw: Factory) -> None:
 
 
 async def test_send_as_alias_and_trusted_alias(
-    make_gw: Factory, sink: CaptureSink, tls_files: tuple[Path, Path]
+    make_gw: GatewayFactory, sink: CaptureSink, tls_files: tuple[Path, Path]
 ) -> None:
     gw = await make_gw(TRUST_LOCAL)
     d = await authed(gw.smtp_ports[0], tls_files)
@@ -274,7 +257,7 @@ PROBES = [
 
 @pytest.mark.parametrize("authenticated", [False, True])
 async def test_open_relay_probes_never_reach_the_next_hop(
-    make_gw: Factory, sink: CaptureSink, tls_files: tuple[Path, Path], authenticated: bool
+    make_gw: GatewayFactory, sink: CaptureSink, tls_files: tuple[Path, Path], authenticated: bool
 ) -> None:
     gw = await make_gw({"smtp": {"trusted_networks": ["127.0.0.1/32"], "max_recipients": 100}})
     port = gw.smtp_ports[0]
@@ -295,20 +278,7 @@ async def test_open_relay_probes_never_reach_the_next_hop(
 
 # --- smuggling -------------------------------------------------------------------
 
-SMUGGLE = [
-    b"\n.\n",
-    b"\n.\r",
-    b"\r.\n",
-    b"\r.\r",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r\n\x00.\r\n",
-    b"\r\n.\x00\r\n",
-    b"\r\n.\r\r\n",
-    b"\r\r\n.\r\r\n",
-]
+SMUGGLE = SMUGGLING_VARIANTS
 
 
 def bare(data: bytes) -> bool:
@@ -317,7 +287,9 @@ def bare(data: bytes) -> bool:
 
 
 @pytest.mark.parametrize("variant", SMUGGLE, ids=[repr(v) for v in SMUGGLE])
-async def test_smuggling_variants(make_gw: Factory, sink: CaptureSink, variant: bytes) -> None:
+async def test_smuggling_variants(
+    make_gw: GatewayFactory, sink: CaptureSink, variant: bytes
+) -> None:
     gw = await make_gw(TRUST_LOCAL)
     d = await plain(gw.smtp_ports[0])
     await d.cmd(f"MAIL FROM:<{ALICE}>", 250)
@@ -346,7 +318,7 @@ async def test_smuggling_variants(make_gw: Factory, sink: CaptureSink, variant: 
 
 
 async def test_starttls_injection_is_not_executed(
-    make_gw: Factory, tls_files: tuple[Path, Path]
+    make_gw: GatewayFactory, tls_files: tuple[Path, Path]
 ) -> None:
     gw = await make_gw(TRUST_LOCAL)
     d = await plain(gw.smtp_ports[0])
@@ -379,7 +351,7 @@ async def deliver(port: int) -> list[tuple[int, str]]:
     return replies
 
 
-async def test_next_hop_down(make_gw: Factory) -> None:
+async def test_next_hop_down(make_gw: GatewayFactory) -> None:
     gw = await make_gw(TRUST_LOCAL, {"next_hop": {"port": free_port()}})
     replies = await deliver(gw.smtp_ports[0])
     assert replies[-1][0] == 451 and replies[-1][1].startswith("4.4.1")
@@ -398,7 +370,7 @@ async def test_next_hop_down(make_gw: Factory) -> None:
     ],
 )
 async def test_next_hop_replies_passed_on(
-    make_gw: Factory, sink: CaptureSink, fault: dict[str, Any], expect: tuple[int, str]
+    make_gw: GatewayFactory, sink: CaptureSink, fault: dict[str, Any], expect: tuple[int, str]
 ) -> None:
     for key, value in fault.items():
         setattr(sink.faults, key, value)
@@ -416,14 +388,16 @@ async def test_next_hop_replies_passed_on(
     assert len(sink.messages) == 1
 
 
-async def test_next_hop_slow_past_timeout(make_gw: Factory, sink: CaptureSink) -> None:
+async def test_next_hop_slow_past_timeout(make_gw: GatewayFactory, sink: CaptureSink) -> None:
     sink.faults.delay = 3.0
     gw = await make_gw(TRUST_LOCAL, {"next_hop": {"timeout": "0.5s"}})
     replies = await deliver(gw.smtp_ports[0])
     assert replies[-1][0] == 451 and replies[-1][1].startswith("4.4.2"), replies
 
 
-async def test_many_messages_on_one_pooled_connection(make_gw: Factory, sink: CaptureSink) -> None:
+async def test_many_messages_on_one_pooled_connection(
+    make_gw: GatewayFactory, sink: CaptureSink
+) -> None:
     gw = await make_gw(TRUST_LOCAL)
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_ports[0], start_tls=False) as c:
         for i in range(20):
@@ -436,7 +410,7 @@ async def test_many_messages_on_one_pooled_connection(make_gw: Factory, sink: Ca
 # --- limits -------------------------------------------------------------------
 
 
-async def test_size_limit(make_gw: Factory, sink: CaptureSink) -> None:
+async def test_size_limit(make_gw: GatewayFactory, sink: CaptureSink) -> None:
     gw = await make_gw(TRUST_LOCAL)
     d = await plain(gw.smtp_ports[0])
     _, ehlo = await d.cmd("EHLO c", 250)
@@ -453,7 +427,7 @@ async def test_size_limit(make_gw: Factory, sink: CaptureSink) -> None:
     assert sink.messages == []
 
 
-async def test_recipient_limit(make_gw: Factory) -> None:
+async def test_recipient_limit(make_gw: GatewayFactory) -> None:
     gw = await make_gw(TRUST_LOCAL)
     d = await plain(gw.smtp_ports[0])
     await d.cmd(f"MAIL FROM:<{ALICE}>", 250)
@@ -464,7 +438,7 @@ async def test_recipient_limit(make_gw: Factory) -> None:
     await d.close()
 
 
-async def test_connections_per_ip(make_gw: Factory) -> None:
+async def test_connections_per_ip(make_gw: GatewayFactory) -> None:
     gw = await make_gw({"smtp": {"max_connections_per_ip": 2}})
     port = gw.smtp_ports[0]
     a = await plain(port)
@@ -477,7 +451,7 @@ async def test_connections_per_ip(make_gw: Factory) -> None:
     await c.close()
 
 
-async def test_unknown_command_limit(make_gw: Factory) -> None:
+async def test_unknown_command_limit(make_gw: GatewayFactory) -> None:
     gw = await make_gw({"smtp": {"max_unknown_commands": 2}})
     d = await plain(gw.smtp_ports[0])
     assert (await d.cmd("FOO"))[0] == 500
@@ -487,7 +461,7 @@ async def test_unknown_command_limit(make_gw: Factory) -> None:
     await d.close()
 
 
-async def test_command_timeout(make_gw: Factory) -> None:
+async def test_command_timeout(make_gw: GatewayFactory) -> None:
     gw = await make_gw({"smtp": {"command_timeout": "0.3s"}})
     d = await plain(gw.smtp_ports[0])
     async with asyncio.timeout(5):
@@ -496,7 +470,7 @@ async def test_command_timeout(make_gw: Factory) -> None:
     await d.close()
 
 
-async def test_internal_failure_fails_closed(make_gw: Factory, sink: CaptureSink) -> None:
+async def test_internal_failure_fails_closed(make_gw: GatewayFactory, sink: CaptureSink) -> None:
     gw = await make_gw(TRUST_LOCAL)
     assert gw.stores is not None
     await gw.stores.state.close()  # the state store is gone: nothing may pass
@@ -534,7 +508,7 @@ async def tls_sink(tls_files: tuple[Path, Path]) -> AsyncIterator[CaptureSink]:
     ],
 )
 async def test_next_hop_starttls(
-    make_gw: Factory,
+    make_gw: GatewayFactory,
     tls_sink: CaptureSink,
     tls_files: tuple[Path, Path],
     next_hop: dict[str, Any],
@@ -552,7 +526,9 @@ async def test_next_hop_starttls(
         assert tls_sink.messages == []
 
 
-async def test_next_hop_without_starttls_when_required(make_gw: Factory, sink: CaptureSink) -> None:
+async def test_next_hop_without_starttls_when_required(
+    make_gw: GatewayFactory, sink: CaptureSink
+) -> None:
     gw = await make_gw(TRUST_LOCAL, {"next_hop": {"starttls": "required"}})
     replies = await deliver(gw.smtp_ports[0])
     assert replies[-1][0] == 451, replies
@@ -563,7 +539,7 @@ async def test_next_hop_without_starttls_when_required(make_gw: Factory, sink: C
 
 
 async def test_password_guesser_is_banned_by_ip(
-    make_gw: Factory, tls_files: tuple[Path, Path]
+    make_gw: GatewayFactory, tls_files: tuple[Path, Path]
 ) -> None:
     gw = await make_gw({"screening": {"max_auth_failures": 3, "window": "15m", "ban_for": "1h"}})
     port = gw.smtp_ports[0]
@@ -629,7 +605,7 @@ async def seven_bit_sink() -> AsyncIterator[CaptureSink]:
 
 
 async def test_eight_bit_body_converted_for_a_seven_bit_next_hop(
-    make_gw: Factory, seven_bit_sink: CaptureSink
+    make_gw: GatewayFactory, seven_bit_sink: CaptureSink
 ) -> None:
     import email
     import email.policy
@@ -661,7 +637,7 @@ async def test_eight_bit_body_converted_for_a_seven_bit_next_hop(
 
 
 async def test_implicit_tls_listener(
-    make_gw: Factory, sink: CaptureSink, tls_files: tuple[Path, Path]
+    make_gw: GatewayFactory, sink: CaptureSink, tls_files: tuple[Path, Path]
 ) -> None:
     gw = await make_gw({"smtp": {"listen": [], "tls_listen": ["127.0.0.1:0"]}})
     (port,) = gw.smtp_ports

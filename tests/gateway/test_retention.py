@@ -8,19 +8,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
 
-from gateway.app import Gateway
-from gateway.config import Settings
 from gateway.sink import CaptureSink
-from tests.helpers.gw import ALICE, BOB, base_config, deep_merge
-
-Factory = Callable[..., Awaitable[Gateway]]
+from tests.helpers.gw import ALICE, BOB, GatewayFactory, base_config, deep_merge
 
 
 def with_attachment(sender: str, data: bytes, name: str = "file.bin") -> bytes:
@@ -44,22 +39,6 @@ async def send(port: int, sender: str, raw: bytes) -> tuple[int, str]:
     return 250, text
 
 
-@pytest.fixture
-async def make_gw(tmp_path: Path, sink: CaptureSink) -> AsyncIterator[Factory]:
-    started: list[Gateway] = []
-
-    async def make(extra: dict[str, Any], clock: Callable[[], float] = time.time) -> Gateway:
-        cfg = deep_merge(base_config(tmp_path, sink.port), extra)
-        gw = Gateway(Settings(**cfg), clock=clock)
-        await gw.start()
-        started.append(gw)
-        return gw
-
-    yield make
-    for gw in started:
-        await gw.close(drain=1)
-
-
 LINKING = {
     "smtp": {"trusted_networks": ["127.0.0.1/32"]},
     "accounts": {
@@ -73,7 +52,7 @@ LINKING = {
     ("mode", "expected"), [("trial", "452 4.2.2"), ("production", "552 5.2.2")]
 )
 async def test_over_quota_refused_at_mail_from(
-    make_gw: Factory, sink: CaptureSink, mode: str, expected: str
+    make_gw: GatewayFactory, sink: CaptureSink, mode: str, expected: str
 ) -> None:
     gw = await make_gw(deep_merge(LINKING, {"policy": {"mode": mode}}))
     port = gw.smtp_ports[0]
@@ -126,7 +105,7 @@ def write_config(tmp_path: Path, cfg: dict[str, Any]) -> Path:
 
 
 async def test_gc_removes_expired_links_and_their_blobs_only(
-    tmp_path: Path, make_gw: Factory, sink: CaptureSink
+    tmp_path: Path, make_gw: GatewayFactory, sink: CaptureSink
 ) -> None:
     extra = deep_merge(LINKING, {"links": {"expire_after": "1d"}, "storage": {"gc_grace": "0s"}})
     old = await make_gw(extra, clock=lambda: time.time() - 3 * 86400)
@@ -157,7 +136,7 @@ async def test_gc_removes_expired_links_and_their_blobs_only(
 
 
 async def test_notice_templates_with_bare_line_feeds_leave_as_crlf(
-    tmp_path: Path, make_gw: Factory, sink: CaptureSink
+    tmp_path: Path, make_gw: GatewayFactory, sink: CaptureSink
 ) -> None:
     from gateway.mime import notice
     from tests.gateway.test_relay import bare

@@ -9,7 +9,7 @@ import contextlib
 import copy
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ PASSWORD = "correct horse battery staple"
 SECRET = "test-secret-key-0123456789abcdef"
 
 _HASH = hash_password(PASSWORD)
+
+# The ``make_gw`` fixture: overrides in, a running gateway out.
+GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,64 +39,6 @@ async def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     store = await open_blob_store(str(request.param), tmp_path)
     yield store
     await store.close()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start a private redis-server on a free loopback port; wait until ready."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed: the Redis backend cannot be tested")
-    for _ in range(5):
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert server.stdout is not None
-        for line in server.stdout:  # readiness comes from the server's own log
-            if "Ready to accept connections" in line:
-                return server, f"redis://127.0.0.1:{port}/0"
-        server.wait()  # the port was taken meanwhile: try another
-        server.stdout.close()
-    pytest.fail("redis-server did not start on any free port")
-
-
-def stop_redis(server: subprocess.Popen[str]) -> None:
-    server.terminate()
-    server.wait()
-    if server.stdout is not None:
-        server.stdout.close()
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One redis-server for the whole session (tests use distinct key prefixes)."""
-    server, url = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield url
-    finally:
-        stop_redis(server)
 
 
 @pytest.fixture(params=STATE_BACKENDS)

@@ -10,7 +10,8 @@ from redis.exceptions import RedisError
 
 from storage.interfaces import LinkRecord, StateUnavailable
 from storage.redis import RedisStateStore
-from tests.storage.conftest import free_port, start_redis, stop_redis
+from tests.helpers.gw import free_port
+from tests.helpers.redis import start_redis, stop_redis
 
 T0 = 1_000_000.0
 

@@ -19,25 +19,12 @@ from aiohttp import web
 from storage.interfaces import BlobInfo, BlobStore, LinkRecord, StateStore
 from storage.local import LocalBlobStore
 from storage.sqlite import SqliteStateStore
+from tests.helpers.clock import FakeClock
 from web.app import WebOptions, build_app
 from web.links import LinkSigner, new_link_id
 
-T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC, the fake clock's start
 DAY = 86_400.0
 KEYS = ["current-key-0123456789", "previous-key-9876543210"]
-
-
-class FakeClock:
-    """A clock that stands still until a test moves it."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class PathlessBlobStore:

@@ -19,7 +19,8 @@ from argon2 import PasswordHasher
 from storage.interfaces import Notification
 from storage.local import LocalBlobStore
 from storage.sqlite import SqliteStateStore
-from tests.web.conftest import KEYS, FakeClock
+from tests.helpers.clock import FakeClock
+from tests.web.conftest import KEYS
 from web.admin import (
     add_admin_routes,
     claim_ticket,

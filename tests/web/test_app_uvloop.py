@@ -15,7 +15,8 @@ from pathlib import Path
 
 import uvloop
 
-from tests.web.conftest import FakeClock, make_env
+from tests.helpers.clock import FakeClock
+from tests.web.conftest import make_env
 from web.links import LinkSigner
 
 DATA = os.urandom(3 * 1024 * 1024 + 5)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from tests.web.conftest import DAY, KEYS, T0, FakeClock
+from tests.helpers.clock import T0, FakeClock
+from tests.web.conftest import DAY, KEYS
 from web.links import BadToken, ExpiredToken, LinkError, LinkSigner, new_link_id
 
 link_ids = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=40)
