@@ -196,9 +196,9 @@ def smtp_greets(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> No
         time.sleep(0.02)
 
 
-def _listeners(port: int) -> int:
-    """Listening TCP sockets on ``port`` (one per worker under SO_REUSEPORT)."""
-    count = 0
+def _listening_inodes(port: int) -> list[str]:
+    """Socket inodes of every TCP listener on ``port`` (from /proc/net)."""
+    inodes: list[str] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -207,8 +207,13 @@ def _listeners(port: int) -> int:
         for row in rows:
             fields = row.split()
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+                inodes.append(fields[9])
+    return inodes
+
+
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (one per worker under SO_REUSEPORT)."""
+    return len(_listening_inodes(port))
 
 
 def _children(pid: int) -> list[int]:
@@ -327,16 +332,7 @@ class GatewayProcess:
 
 def _listens(pid: int, port: int) -> bool:
     """True when ``pid`` holds a listening socket on ``port``."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
+    inodes = set(_listening_inodes(port))
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:

@@ -210,13 +210,7 @@ class _Walker:
         self.edits = edits
 
     def boundaries(self, entity: Entity) -> tuple[bytes, ...]:
-        found: list[bytes] = []
-        node = entity.parent
-        while node is not None:
-            if node.boundary:
-                found.append(node.boundary)
-            node = node.parent
-        return (*found, *self.outer)
+        return (*entity.ancestor_boundaries(), *self.outer)
 
     def entity(self, entity: Entity) -> bool:
         """Edit ``entity`` where needed; True when anything in it changed."""

@@ -289,16 +289,6 @@ class _Edits:
         return b"".join(out)
 
 
-def _ancestor_boundaries(entity: Entity) -> list[bytes]:
-    found: list[bytes] = []
-    node = entity.parent
-    while node is not None:
-        if node.boundary:
-            found.append(node.boundary)
-        node = node.parent
-    return found
-
-
 def _collides(body: bytes, boundaries: Sequence[bytes]) -> bool:
     for boundary in boundaries:
         dash = b"--" + boundary
@@ -393,7 +383,7 @@ def _body_edits(raw: bytes, entity: Entity, notice_text: str, html: bool, edits:
         set_qp = True
     else:
         body = new
-    if _collides(body, _ancestor_boundaries(entity)):
+    if _collides(body, entity.ancestor_boundaries()):
         return False
     edits.replace(entity.body_start, entity.end, body)
     added: list[bytes] = []

@@ -95,6 +95,16 @@ class Entity:
         nxt = parent.delimiters[i + 1] if i + 1 < len(parent.children) else parent.close_delimiter
         return parent.delimiters[i], nxt
 
+    def ancestor_boundaries(self) -> list[bytes]:
+        """The boundaries of every multipart this entity sits in, innermost first."""
+        found: list[bytes] = []
+        node = self.parent
+        while node is not None:
+            if node.boundary:
+                found.append(node.boundary)
+            node = node.parent
+        return found
+
     def walk(self) -> Iterator[Entity]:
         yield self
         for child in self.children:
