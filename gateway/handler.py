@@ -73,8 +73,6 @@ class MessageRefused(Exception):
 class Processed:
     content: bytes
     link_ids: list[str] = field(default_factory=list)
-    linked: int = 0
-    note: str = ""
 
 
 class Processor(Protocol):
@@ -119,14 +117,12 @@ class SessionInfo:
     id: str
     ip: IPAddress
     login: str | None = None
-    auth_failures: int = 0
     tx: Transaction | None = None
     tx_info: TxInfo | None = None
     control: bool = False  # this transaction is for the control address
     # A hijack limit crossed during this transaction: the message is refused
     # at DATA too, even for the recipients accepted before the crossing.
     crossed: Reply | None = None
-    messages: int = 0
 
 
 def _client_ip(session: Any) -> IPAddress:
@@ -255,7 +251,6 @@ class Handler:
                 log, "auth-ok", session=info.id, ip=info.ip, mech=mechanism, login=account.address
             )
             return AuthResult(success=True, auth_data=account.address)
-        info.auth_failures += 1
         logs.event(
             log,
             "auth-failed",
@@ -521,7 +516,6 @@ class Handler:
         if not hop.ok:
             await self.s.processor.discard(processed)
             return hop.lines(), "refused-by-next-hop"
-        info.messages += 1
         if not hop.message.strip():
             return str(R250_QUEUED), "delivered"
         return hop.lines(), "delivered"

@@ -20,10 +20,6 @@ def hash_password(password: str) -> str:
     return _HASHER.hash(password)
 
 
-def is_argon2_hash(value: str) -> bool:
-    return value.startswith("$argon2")
-
-
 def _verify(stored: str | None, password: bytes) -> bool:
     try:
         _HASHER.verify(stored or _DUMMY, password)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -76,7 +75,6 @@ class MessageProcessor:
         self._dkim = dkim
         self._executor = executor
         self._clock = clock
-        self.counters: Counter[str] = Counter()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -92,15 +90,11 @@ class MessageProcessor:
 
     async def process(self, tx: TxInfo, content: bytes) -> Processed:
         link_ids: list[str] = []
-        linked = 0
-        note = ""
         account = tx.account
         if self._linking is not None and account is not None and account.linking.enabled:
             try:
-                content, link_ids, note = await self._link(tx, content)
-                linked = len(link_ids)
+                content, link_ids = await self._link(tx, content)
             except MimeError as exc:
-                self.counters["rewrite-failed"] += 1
                 logs.event(
                     log, "rewrite-failed", logging.WARNING, session=tx.session_id, error=str(exc)
                 )
@@ -126,9 +120,9 @@ class MessageProcessor:
             except BaseException:
                 await self.discard(Processed(content, link_ids))
                 raise
-        return Processed(content=content, link_ids=link_ids, linked=linked, note=note)
+        return Processed(content=content, link_ids=link_ids)
 
-    async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str], str]:
+    async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str]]:
         ctx = self._linking
         account = tx.account
         assert ctx is not None and account is not None
@@ -140,10 +134,9 @@ class MessageProcessor:
         )
         found = await self._mime(plan, content, rules, ctx.limits)
         if isinstance(found, Passthrough):
-            self.counters[f"passthrough:{found.reason.split(':', 1)[0]}"] += 1
             if found.reason.startswith(("unparsable", "limits")):
                 logs.event(log, "rewrite-skipped", session=tx.session_id, reason=found.reason)
-            return content, [], found.reason
+            return content, []
         assert isinstance(found, Extraction)
         now = self._clock()
         expires = now + ctx.expire_after
@@ -184,8 +177,6 @@ class MessageProcessor:
         except BaseException:
             await ctx.state.delete_links(ids)
             raise
-        self.counters["linked-messages"] += 1
-        self.counters["linked-files"] += len(records)
         logs.event(
             log,
             "linked",
@@ -194,7 +185,7 @@ class MessageProcessor:
             files=len(records),
             bytes=sum(r.size for r in records),
         )
-        return rendered, ids, "linked"
+        return rendered, ids
 
     async def discard(self, processed: Processed) -> None:
         if processed.link_ids and self._linking is not None:
