@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+WINDOW_SLACK = 300.0
+"""Seconds a sliding-window event is kept past the longest window asked for,
+so that a caller whose ``now`` is a little older than the last writer's (it
+read its clock, then waited for the lock) still finds the events it counts."""
+
 
 class StorageError(Exception):
     """Root of every error raised by a storage backend."""
@@ -148,7 +153,13 @@ class StateStore(Protocol):
         self, key: str, amount: int, now: float, windows: Sequence[float]
     ) -> list[int]:
         """Atomically record ``amount`` at ``now`` and return the totals over
-        each window (seconds back from ``now``), the new amount included."""
+        each window (seconds back from ``now``), the new amount included.
+
+        An event at ``t`` counts in window ``w`` while ``now - w < t``. Every
+        caller of one key passes the same windows: a call forgets the key's
+        events older than its longest window plus ``WINDOW_SLACK``. The cost
+        must not grow with the number of events in a window (a busy account
+        holds tens of thousands per hour)."""
 
     async def count(self, key: str, now: float, window: float) -> int: ...
 

@@ -15,6 +15,8 @@ Data layout (``P`` is the prefix)::
     P revoked          set of revoked link ids still stored
     P usage            hash: account -> bytes of its unrevoked records
     P win:<key>        sorted set: "<seq>:<amount>" scored by event time
+    P wsum:<key>       hash: window span -> "<total> <edge>", the running sum of
+                       the events scored after the edge (see add_and_count)
     P seq              counter that keeps window members unique
     P acct:<account>   hash: account flags; P accounts is the set of them
     P ban:<ip>         hash: one ban; P bans is a sorted set ip -> until
@@ -26,8 +28,10 @@ the account's unrevoked records until ``gc`` removes them (a file sent twice
 counts twice); ``gc(now)`` removes records with ``expires <= now`` plus
 expired bans and claims, keeps revoked records until they expire and returns
 the digests of deleted and revoked records that no unrevoked record uses; an
-event leaves a window ``w`` at exactly ``t + w``; ``recent_notifications``
-lists the newest first (the log keeps the latest 10,000).
+event leaves a window ``w`` at exactly ``t + w``, and a window's total is kept
+running (``wsum``), so that a call reads only the events that left since the
+last one; ``recent_notifications`` lists the newest first (the log keeps the
+latest 10,000).
 
 Times are those of the caller's clock (scores and fields), never Redis key
 expiry, which runs on the server's clock. Durability is the server's: link
@@ -52,6 +56,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from storage.interfaces import (
+    WINDOW_SLACK,
     AccountState,
     Ban,
     GcResult,
@@ -189,19 +194,45 @@ return flat
 """
 
 _ADD_AND_COUNT = """
-local p, key, amount, now, oldest = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local p, key, amount, now, oldest = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local zkey = p .. 'win:' .. key
+local skey = p .. 'wsum:' .. key
 local seq = redis.call('INCR', p .. 'seq')
-redis.call('ZADD', zkey, now, seq .. ':' .. amount)
-redis.call('ZREMRANGEBYSCORE', zkey, '-inf', oldest)
-local totals = {}
-for i = 6, #ARGV do
+redis.call('ZADD', zkey, now, seq .. ':' .. ARGV[3])
+-- the sum of the amounts scored in (low, high]
+local function between(low, high)
   local total = 0
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', zkey, '(' .. ARGV[i], '+inf')) do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', zkey, '(' .. low, high)) do
     total = total + tonumber(string.match(m, ':(-?%d+)$'))
   end
+  return total
+end
+local t = tonumber(now)
+local asked, totals = {}, {}
+for i = 6, #ARGV, 2 do
+  local span, edge = ARGV[i], ARGV[i + 1]
+  local saved = redis.call('HGET', skey, span)
+  local total
+  if saved then
+    local kept, old = string.match(saved, '^(-?%d+) (.+)$')
+    total = tonumber(kept)
+    if t > tonumber(old) then total = total + amount end
+    if tonumber(edge) > tonumber(old) then
+      total = total - between(old, edge)
+    elseif tonumber(edge) < tonumber(old) then
+      total = total + between(edge, old)
+    end
+  else
+    total = between(edge, '+inf')
+  end
+  redis.call('HSET', skey, span, string.format('%d', total) .. ' ' .. edge)
+  asked[span] = true
   table.insert(totals, total)
 end
+for _, span in ipairs(redis.call('HKEYS', skey)) do
+  if not asked[span] then redis.call('HDEL', skey, span) end
+end
+redis.call('ZREMRANGEBYSCORE', zkey, '-inf', oldest)
 return totals
 """
 
@@ -418,11 +449,14 @@ class RedisStateStore:
         spans = [float(w) for w in windows]
         if not spans or min(spans) <= 0:
             raise ValueError("add_and_count needs at least one positive window")
-        starts = [_num(now - w) for w in spans]
+        unique = sorted(set(spans))
+        edges = [arg for span in unique for arg in (_num(span), _num(now - span))]
+        oldest = _num(now - unique[-1] - WINDOW_SLACK)
         totals = await self._script(
-            _ADD_AND_COUNT, key, str(int(amount)), _num(now), _num(now - max(spans)), *starts
+            _ADD_AND_COUNT, key, str(int(amount)), _num(now), oldest, *edges
         )
-        return [int(t) for t in totals]
+        by_span = dict(zip(unique, (int(t) for t in totals), strict=True))
+        return [by_span[span] for span in spans]
 
     async def count(self, key: str, now: float, window: float) -> int:
         members = await self._run(
@@ -431,7 +465,7 @@ class RedisStateStore:
         return sum(int(_text(m).rsplit(":", 1)[1]) for m in members)
 
     async def reset_counter(self, key: str) -> None:
-        await self._run(lambda: self._r.delete(f"{self._p}win:{key}"))
+        await self._run(lambda: self._r.delete(f"{self._p}win:{key}", f"{self._p}wsum:{key}"))
 
     # --- account flags -------------------------------------------------------
     async def get_account_state(self, account: str) -> AccountState:

@@ -38,15 +38,35 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
-async def test_new_file_is_wal_with_schema_version_1(db_path: Path) -> None:
+async def test_new_file_is_wal_with_schema_version_2(db_path: Path) -> None:
     store = await SqliteStateStore.open(db_path)
     await store.close()
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert schema_version(conn) == len(MIGRATIONS) == 1
+        assert schema_version(conn) == len(MIGRATIONS) == 2
     finally:
         conn.close()
+
+
+async def test_a_version_1_file_keeps_counting_its_events(db_path: Path) -> None:
+    # Version 1 had no running totals: the first event after the upgrade sums
+    # the events stored before it, and later ones carry on from there.
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        assert migrate(conn, MIGRATIONS[:1]) == 1
+        conn.executemany(
+            "INSERT INTO events (key, ts, amount) VALUES (?, ?, ?)",
+            [("k", T0 - 100, 5), ("k", T0 - 30, 7), ("other", T0 - 30, 100)],
+        )
+    finally:
+        conn.close()
+    store = await SqliteStateStore.open(db_path)
+    try:
+        assert await store.add_and_count("k", 1, T0, [60, 3600]) == [8, 13]
+        assert await store.add_and_count("k", 1, T0 + 30, [60, 3600]) == [2, 14]
+    finally:
+        await store.close()
 
 
 async def test_a_second_migration_is_one_more_function(db_path: Path) -> None:
@@ -59,16 +79,16 @@ async def test_a_second_migration_is_one_more_function(db_path: Path) -> None:
 
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
-        assert migrate(conn, (*MIGRATIONS, add_tags)) == 2
-        assert schema_version(conn) == 2
+        assert migrate(conn, (*MIGRATIONS, add_tags)) == 3
+        assert schema_version(conn) == 3
         conn.execute("INSERT INTO tags VALUES ('kept', 'x')")
-        assert migrate(conn, (*MIGRATIONS, add_tags)) == 2  # applied once only
+        assert migrate(conn, (*MIGRATIONS, add_tags)) == 3  # applied once only
         assert conn.execute("SELECT count(*) FROM links").fetchone() == (1,)
     finally:
         conn.close()
 
-    # This code knows version 1 only: a newer file is refused, not misread.
-    with pytest.raises(StateUnavailable, match="schema version 2"):
+    # This code knows version 2 only: a newer file is refused, not misread.
+    with pytest.raises(StateUnavailable, match="schema version 3"):
         await SqliteStateStore.open(db_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from storage.interfaces import (
+    WINDOW_SLACK,
     AccountState,
     Ban,
     LinkRecord,
@@ -205,7 +207,48 @@ class TestStateStoreContract:
             0,
             1110,
         ]
+        # The first event is older than the longest window, but kept for the slack.
+        assert await store.count("k", clock.now, 1e9) == 1111
+        assert await store.add_and_count("k", 0, clock.advance(WINDOW_SLACK), windows) == [0, 0, 0]
         assert await store.count("k", clock.now, 1e9) == 1110
+
+    @pytest.mark.parametrize("seed", range(4))
+    async def test_windows_match_a_list_of_every_event(self, store: StateStore, seed: int) -> None:
+        # The backends keep running totals; a plain list of every event is the
+        # reference. The clock mostly moves on, sometimes steps back a little
+        # (a caller that read its clock before waiting for the lock), and
+        # sometimes jumps past every window.
+        rng = random.Random(seed)
+        windows = [30.0, 300.0]
+        clock = Clock()
+        events: list[tuple[float, int]] = []
+
+        def expected(now: float, window: float) -> int:
+            return sum(amount for ts, amount in events if ts > now - window)
+
+        for _ in range(250):
+            roll = rng.random()
+            if roll < 0.03:
+                clock.advance(1000.0)
+            elif roll < 0.15:
+                clock.advance(-rng.uniform(0, 5))
+            else:
+                clock.advance(rng.choice([0.0, rng.uniform(0, 20)]))
+            if roll > 0.97:
+                await store.reset_counter("k")
+                events.clear()
+                continue
+            if roll > 0.9:
+                assert await store.count("k", clock.now, 300.0) == expected(clock.now, 300.0)
+                continue
+            amount = rng.choice([1, 1, 1, 2, 5, -1])
+            events.append((clock.now, amount))
+            got = await store.add_and_count("k", amount, clock.now, windows)
+            assert got == [expected(clock.now, w) for w in windows]
+
+    async def test_a_window_asked_twice_counts_once(self, store: StateStore) -> None:
+        assert await store.add_and_count("k", 2, T0, [60, 60, 10]) == [2, 2, 2]
+        assert await store.add_and_count("k", 3, T0 + 20, [60, 60, 10]) == [5, 5, 3]
 
     async def test_counters_are_per_key_and_reset(self, store: StateStore) -> None:
         await store.add_and_count("rcpts:alice", 25, T0, [3600])
