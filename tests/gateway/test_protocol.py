@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,25 @@ def test_normalize_examples() -> None:
     assert normalize_line_endings(b"\r\r\n") == b"\r\n\r\n"
     assert normalize_line_endings(b"\n\r") == b"\r\n\r\n"
     assert normalize_line_endings(b"x\n.\n") == b"x\r\n.\r\n"
+
+
+def replace_normalize(data: bytes) -> bytes:
+    """The line-ending rule as three replaces: CRLF and bare CR to LF, then LF to CRLF."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+# Mostly CR, LF, dots and one letter, so that every mix of line endings comes up.
+cr_lf_dot_soup = st.lists(
+    st.sampled_from(b"\r\n.a") | st.sampled_from(b"\r\n") | st.integers(0, 255), max_size=300
+).map(bytes)
+
+
+@given(cr_lf_dot_soup)
+def test_normalize_matches_replace_reference(data: bytes) -> None:
+    out = normalize_line_endings(data)
+    assert out == replace_normalize(data)
+    # The input itself exactly when it has nothing to change, else a new object.
+    assert (out is data) == (out == data)
 
 
 def receive(chunks: list[bytes], limit: int = 1 << 20) -> tuple[DataReceiver, bytes | None]:
@@ -204,6 +224,83 @@ def test_receiver_refuses_use_out_of_order() -> None:
     receiver.feed(b".\r\n")
     with pytest.raises(ValueError, match="already received"):
         receiver.feed(b"more")
+
+
+def reference_end_of_data(stream: bytes) -> tuple[bytes, bytes, int] | None:
+    """SMTP end of data read line by line: (content, leftover, size as sent), or None.
+
+    Lines end with CRLF only (a bare CR or LF is content). The first line that
+    is just "." ends the data; every line before it loses a leading dot; then
+    bare CR and LF become CRLF.
+    """
+    lines: list[bytes] = []
+    pos = 0
+    while (eol := stream.find(b"\r\n", pos)) >= 0:
+        line = stream[pos:eol]
+        if line == b".":
+            content = b"".join(each.removeprefix(b".") + b"\r\n" for each in lines)
+            return replace_normalize(content), stream[eol + 2 :], pos
+        lines.append(line)
+        pos = eol + 2
+    return None
+
+
+# Heavy in CR, LF and dots: dot lines, ends of data, dots inside lines by the dozen in one
+# chunk; the long runs without a dot are what the receiver skips fastest.
+smtp_stream = st.lists(
+    st.sampled_from(
+        [b"\r\n", b"\r", b"\n", b".", b".", b"..", b"a", b"\x00", b"\r\n.", b"\r\n.\r\n"]
+    )
+    | st.sampled_from([b"x" * 300, b"y.z" * 40, b"\r\n." * 3, b"Q\r\nUIT\r\n"]),
+    max_size=100,
+).map(b"".join)
+
+
+@st.composite
+def split_streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    stream = draw(smtp_stream)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    bounds = [0, *cuts, len(stream)]
+    return stream, [stream[a:b] for a, b in pairwise(bounds)]
+
+
+@given(split_streams(), st.just(1 << 20) | st.integers(1, 400))
+def test_receiver_any_split_matches_whole_and_reference(
+    split: tuple[bytes, list[bytes]], limit: int
+) -> None:
+    stream, chunks = split
+    expected = reference_end_of_data(stream)
+    whole = receive([stream], limit)
+    in_chunks = receive(chunks, limit)
+    if expected is None:
+        for receiver, leftover in (whole, in_chunks):
+            assert leftover is None
+            assert not receiver.done
+        return
+    content, rest, size = expected
+    for receiver, leftover in (whole, in_chunks):
+        assert receiver.done
+        assert leftover == rest
+        assert receiver.size == size
+        assert receiver.too_big == (size > limit)
+        # What is too big may have been thrown away while it arrived: no content then.
+        if not receiver.too_big:
+            assert receiver.has_nul == (b"\x00" in stream[:size])
+            assert receiver.message() == content
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 100, 257, 4096, 1 << 20])
+def test_receiver_many_dots_inside_lines(chunk_size: int) -> None:
+    # Hundreds of dots inside lines in one chunk, dot lines among them, a long run
+    # without dots, then more of each: both ways of finding dot lines get used.
+    text = b"v1.2.3 e.g. a.b.c\r\n" * 300 + b".stuffed.\r\n" + b"x" * 5000 + b"\r\n"
+    message = text * 3 + b"..last.\r\n"
+    wire = dot_stuff(message) + b"DATA.\r\n"
+    chunks = [wire[i : i + chunk_size] for i in range(0, len(wire), chunk_size)]
+    receiver, leftover = receive(chunks)
+    assert leftover == b"DATA.\r\n"
+    assert receiver.size == len(wire) - len(b".\r\nDATA.\r\n")
+    assert receiver.message() == message
 
 
 # --------------------------------------------------------------------------- servers
