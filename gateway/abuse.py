@@ -94,6 +94,7 @@ from web.admin import (
     unfreeze_account,
 )
 from web.links import BadToken, ExpiredToken, LinkSigner
+from web.metrics import Metrics
 
 __all__ = [
     "AbuseControl",
@@ -419,7 +420,9 @@ class AbuseControl:
         state: StateStore,
         notifier: Notifier,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._settings = settings
         self._directory = directory
         self._state = state
@@ -458,6 +461,7 @@ class AbuseControl:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _policy(self, case: str) -> Reply:
+        self._metrics.inc("attachgate_refusals_total", case=case)
         pol = self._settings.policy
         return policy_reply(case, pol.mode, getattr(pol, case))
 
@@ -496,6 +500,7 @@ class AbuseControl:
             await self._state.ban(str(ip), until, reason, now)
             self._clean.pop(str(ip), None)
             self._banned.append((str(ip), until))
+            self._metrics.inc("attachgate_ip_bans_total")
             logs.event(
                 log,
                 "ip-banned",
@@ -578,9 +583,11 @@ class AbuseControl:
             await self._state.add_and_count(msg_key, -1, now, spans)
         await self._state.add_and_count(rcpt_key, -1, now, spans)
         reply = self._policy("frozen_account")
+        self._metrics.inc("attachgate_hijack_limits_total")
         if limits.freeze:
             first = await self._state.freeze(account.address, crossing.describe(), now)
             if first:
+                self._metrics.inc("attachgate_accounts_frozen_total")
                 logs.event(
                     log,
                     "account-frozen",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import socket
 import time
@@ -33,10 +34,15 @@ from storage.sqlite import SqliteStateStore
 from web.admin import add_admin_routes
 from web.app import WebOptions, build_app
 from web.links import LinkSigner
+from web.metrics import FLUSH_INTERVAL, Metrics, build_metrics_app
 
 log = logging.getLogger("attachgate")
 
 DRAIN_TIMEOUT = 30.0
+try:
+    VERSION = importlib.metadata.version("attachgate")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    VERSION = "unknown"
 # A notification the next hop could not take is tried again after these.
 NOTIFY_RETRY_DELAYS = (60.0, 300.0, 1800.0)
 
@@ -107,6 +113,10 @@ class Gateway:
         self._servers: list[asyncio.Server] = []
         self._table: ConnectionTable | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
         self.stores: Stores | None = None
         self.next_hop: NextHop | None = None
         self.handler: Handler | None = None
@@ -171,7 +181,7 @@ class Gateway:
             else None
         )
         self.processor = MessageProcessor(
-            policy=s.policy, linking=linking, dkim=signer, clock=self.clock
+            policy=s.policy, linking=linking, dkim=signer, clock=self.clock, metrics=self.metrics
         )
         notifier = Notifier(
             next_hop=self.next_hop,
@@ -180,6 +190,7 @@ class Gateway:
             state=stores.state,
             clock=self.clock,
             retry_delays=NOTIFY_RETRY_DELAYS,
+            metrics=self.metrics,
         )
         self.notifier = notifier
         self.abuse = AbuseControl(
@@ -188,6 +199,7 @@ class Gateway:
             state=stores.state,
             notifier=notifier,
             clock=self.clock,
+            metrics=self.metrics,
         )
         self.handler = Handler(
             Services(
@@ -198,6 +210,7 @@ class Gateway:
                 processor=self.processor,
                 abuse=self.abuse,
                 clock=self.clock,
+                metrics=self.metrics,
             )
         )
         sockets = self._sockets or bind_listeners(s, reuse_port=self._reuse_port)
@@ -205,6 +218,8 @@ class Gateway:
         self._servers = await start_smtp(s, self.handler, sockets, self._table)
         if s.web.enabled:
             await self._start_web(stores, self.abuse.unfreeze_signer)
+        if s.metrics.listen is not None:
+            await self._start_metrics(stores.state, s.metrics.listen)
 
     async def _start_web(self, stores: Stores, unfreeze_signer: LinkSigner | None) -> None:
         s = self.settings
@@ -215,7 +230,7 @@ class Gateway:
             stores.state,
             stores.blobs,
             signer,
-            WebOptions(public_url=s.web.public_url, clock=self.clock),
+            WebOptions(public_url=s.web.public_url, clock=self.clock, metrics=self.metrics),
         )
         if unfreeze_signer is not None:
             add_admin_routes(
@@ -237,6 +252,20 @@ class Gateway:
         if runner.addresses:
             self.web_port = runner.addresses[0][1]
 
+    async def _start_metrics(self, state: StateStore, listen: str) -> None:
+        # Counting always happens; adding the counts to the store only when
+        # someone can read them.
+        self._flusher = asyncio.create_task(self.metrics.run(state, FLUSH_INTERVAL))
+        app = build_metrics_app(state, self.metrics, version=VERSION, clock=self.clock)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._metrics_runner = runner
+        host, port = split_listen(listen)
+        site = web.TCPSite(runner, host, port, reuse_port=self._reuse_port or None)
+        await site.start()
+        if runner.addresses:
+            self.metrics_port = runner.addresses[0][1]
+
     async def close(self, drain: float = DRAIN_TIMEOUT) -> None:
         for srv in self._servers:
             srv.close()
@@ -249,12 +278,21 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self.abuse is not None:
             await self.abuse.drain()
         if self.notifier is not None:
             await self.notifier.close()
         if self.next_hop is not None:
             await self.next_hop.close()
+        if self._flusher is not None:
+            # The last counts go to the store before it closes.
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         if self.stores is not None:
             await self.stores.state.close()
             await self.stores.blobs.close()

@@ -404,6 +404,10 @@ class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class MetricsSettings(_Section):
+    listen: Listen | None = None
+
+
 def _lower_keys(value: object) -> object:
     if isinstance(value, Mapping):
         return {str(k).lower(): v for k, v in value.items()}
@@ -434,6 +438,7 @@ class Settings(BaseSettings):
     dkim: DkimSettings = Field(default_factory=DkimSettings)
     dns: DnsSettings = Field(default_factory=DnsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     domains: Annotated[dict[str, DomainSettings], BeforeValidator(_lower_keys)] = {}
     accounts: Annotated[dict[str, AccountSettings], BeforeValidator(_lower_keys)] = {}
 

@@ -41,6 +41,7 @@ from gateway.replies import (
     R554_RELAY_DENIED,
     Reply,
 )
+from web.metrics import Metrics
 
 log = logging.getLogger("attachgate.smtp")
 
@@ -110,6 +111,7 @@ class Services:
     processor: Processor
     abuse: Abuse
     clock: Callable[[], float] = time.time
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(slots=True)
@@ -246,11 +248,13 @@ class Handler:
             await server.push(str(R451_INTERNAL))
             return AuthResult(success=False, handled=True)
         if ok and account is not None:
+            self.s.metrics.inc("attachgate_auth_total", result="ok")
             info.login = account.address
             logs.event(
                 log, "auth-ok", session=info.id, ip=info.ip, mech=mechanism, login=account.address
             )
             return AuthResult(success=True, auth_data=account.address)
+        self.s.metrics.inc("attachgate_auth_total", result="failed")
         logs.event(
             log,
             "auth-failed",
@@ -325,6 +329,7 @@ class Handler:
             client, sender, self.s.directory, self.s.settings.policy, self._trusted
         )
         if isinstance(decision, Refused):
+            self.s.metrics.inc("attachgate_refusals_total", case=decision.case)
             return self._mail_refused(info, sender, decision.case, decision.reply)
         account = decision.account
         if account is not None:
@@ -379,6 +384,7 @@ class Handler:
             return await self._rcpt(session, envelope, info, address)
         except DeliveryError as exc:
             logs.event(log, "next-hop-failed", logging.WARNING, session=info.id, detail=str(exc))
+            self.s.metrics.inc("attachgate_next_hop_failures_total")
             info.tx = None
             return str(exc.reply)
         except Exception:
@@ -406,6 +412,7 @@ class Handler:
             return "452 4.5.3 Send control messages on their own"
         if not may_relay(tx_info.client, self._trusted):
             logs.event(log, "relay-denied", logging.WARNING, session=info.id, ip=info.ip, rcpt=rcpt)
+            self.s.metrics.inc("attachgate_refusals_total", case="relay_denied")
             return str(R554_RELAY_DENIED)
         if len(tx_info.recipients) >= self.s.settings.smtp.max_recipients:
             return str(R452_TOO_MANY_RECIPIENTS)
@@ -475,6 +482,11 @@ class Handler:
             info.tx_info = None
             info.control = False
             info.crossed = None
+            metrics = self.s.metrics
+            metrics.inc("attachgate_messages_total", outcome=outcome)
+            if outcome == "delivered" and tx_info is not None:
+                metrics.inc("attachgate_delivered_bytes_total", size)
+                metrics.inc("attachgate_delivered_recipients_total", len(tx_info.recipients))
             logs.event(
                 log,
                 "message",
@@ -507,6 +519,7 @@ class Handler:
             info.tx = None
             await self.s.processor.discard(processed)
             logs.event(log, "next-hop-failed", logging.WARNING, session=info.id, detail=str(exc))
+            self.s.metrics.inc("attachgate_next_hop_failures_total")
             return str(exc.reply), "deferred"
         except BaseException:
             info.tx = None

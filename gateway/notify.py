@@ -36,6 +36,7 @@ from email.utils import formataddr, formatdate, make_msgid
 from gateway import logs
 from gateway.delivery import HopReply, NextHop
 from storage.interfaces import Notification, StateStore
+from web.metrics import Metrics
 
 __all__ = ["Notifier", "build_notification"]
 
@@ -82,7 +83,9 @@ class Notifier:
         state: StateStore,
         clock: Callable[[], float] = time.time,
         retry_delays: Sequence[float] = (),
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._next_hop = next_hop
         self._hostname = hostname
         self._sender = sender or f"postmaster@{hostname}"
@@ -117,6 +120,7 @@ class Notifier:
                 f"notify:{dedup_key}", now + dedup_for, now
             ):
                 logs.event(log, "notification-deduplicated", kind=kind, key=dedup_key)
+                self._metrics.inc("attachgate_notifications_total", result="deduplicated")
                 return False
             content = build_notification(
                 sender=self._sender,
@@ -156,6 +160,8 @@ class Notifier:
             return False, True
         await self._record(kind, subject, rcpts, outcome)
         sent = any(v == "sent" for v in outcome.values())
+        if sent:
+            self._metrics.inc("attachgate_notifications_total", result="sent")
         logs.event(
             log,
             "notification",
@@ -174,6 +180,7 @@ class Notifier:
             if sent or not temporary:
                 return
         logs.event(log, "notification-given-up", logging.ERROR, kind=kind, rcpts=",".join(rcpts))
+        self._metrics.inc("attachgate_notifications_total", result="given-up")
 
     @property
     def pending_retries(self) -> int:

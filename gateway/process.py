@@ -37,6 +37,7 @@ from gateway.protocol import normalize_line_endings
 from gateway.replies import R550_UNPARSABLE, R554_NEEDS_8BITMIME, policy_reply
 from storage.interfaces import BlobStore, LinkRecord, StateStore
 from web.links import LinkSigner, new_link_id
+from web.metrics import Metrics
 
 log = logging.getLogger("attachgate.process")
 T = TypeVar("T")
@@ -69,7 +70,9 @@ class MessageProcessor:
         dkim: Signer | None,
         executor: Executor | None = None,
         clock: Callable[[], float],
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._policy = policy
         self._linking = linking
         self._dkim = dkim
@@ -95,6 +98,7 @@ class MessageProcessor:
             try:
                 content, link_ids = await self._link(tx, content)
             except MimeError as exc:
+                self._metrics.inc("attachgate_rewrite_failures_total")
                 logs.event(
                     log, "rewrite-failed", logging.WARNING, session=tx.session_id, error=str(exc)
                 )
@@ -112,6 +116,7 @@ class MessageProcessor:
             try:
                 content = await self._run(self._dkim.sign, content)
             except DuplicateHeaderError as exc:
+                self._metrics.inc("attachgate_refusals_total", case="duplicate_headers")
                 await self.discard(Processed(content, link_ids))
                 reply = policy_reply(
                     "duplicate_headers", self._policy.mode, self._policy.duplicate_headers
@@ -120,6 +125,7 @@ class MessageProcessor:
             except BaseException:
                 await self.discard(Processed(content, link_ids))
                 raise
+            self._metrics.inc("attachgate_dkim_signed_total")
         return Processed(content=content, link_ids=link_ids)
 
     async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str]]:
@@ -134,6 +140,8 @@ class MessageProcessor:
         )
         found = await self._mime(plan, content, rules, ctx.limits)
         if isinstance(found, Passthrough):
+            reason = found.reason.split(":", 1)[0]
+            self._metrics.inc("attachgate_linking_passed_total", reason=reason)
             if found.reason.startswith(("unparsable", "limits")):
                 logs.event(log, "rewrite-skipped", session=tx.session_id, reason=found.reason)
             return content, []
@@ -177,6 +185,8 @@ class MessageProcessor:
         except BaseException:
             await ctx.state.delete_links(ids)
             raise
+        self._metrics.inc("attachgate_attachments_linked_total", len(records))
+        self._metrics.inc("attachgate_attachment_bytes_linked_total", sum(r.size for r in records))
         logs.event(
             log,
             "linked",

@@ -152,7 +152,9 @@ class FrontSMTP(GatewaySMTP):
     async def _handle_client(self) -> None:
         info = state_of(self.session)
         ip = str(info.ip)
+        metrics = self._ag_handler.s.metrics
         if not self._ag_table.enter(ip):
+            metrics.inc("attachgate_smtp_connections_refused_total", reason="limit")
             logs.event(log, "connection-refused", session=info.id, ip=ip, reason="limit")
             await self.push(str(R421_TOO_MANY_CONNECTIONS))
             self._ag_close()
@@ -164,10 +166,13 @@ class FrontSMTP(GatewaySMTP):
             log.exception("ban check failed session=%s", info.id)
             refusal = R421_LOCAL_PROBLEM
         if refusal is not None:
+            reason = "error" if refusal is R421_LOCAL_PROBLEM else "banned"
+            metrics.inc("attachgate_smtp_connections_refused_total", reason=reason)
             logs.event(log, "connection-refused", session=info.id, ip=ip, reply=refusal.code)
             await self.push(str(refusal))
             self._ag_close()
             return
+        metrics.inc("attachgate_smtp_connections_total")
         logs.event(log, "connect", logging.DEBUG, session=info.id, ip=ip)
         await super()._handle_client()
 

@@ -17,7 +17,7 @@ Exception tree::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -164,6 +164,13 @@ class StateStore(Protocol):
     async def count(self, key: str, now: float, window: float) -> int: ...
 
     async def reset_counter(self, key: str) -> None: ...
+
+    # --- metrics -----------------------------------------------------------
+    async def add_counters(self, deltas: Mapping[str, int]) -> None:
+        """Add each amount to the counter of that name (created at 0)."""
+
+    async def counters(self) -> dict[str, int]:
+        """Every counter and its value."""
 
     # --- account flags -------------------------------------------------
     async def get_account_state(self, account: str) -> AccountState: ...

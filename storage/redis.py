@@ -17,6 +17,7 @@ Data layout (``P`` is the prefix)::
     P win:<key>        sorted set: "<seq>:<amount>" scored by event time
     P wsum:<key>       hash: window span -> "<total> <edge>", the running sum of
                        the events scored after the edge (see add_and_count)
+    P counters         hash: metrics sample -> value
     P seq              counter that keeps window members unique
     P acct:<account>   hash: account flags; P accounts is the set of them
     P ban:<ip>         hash: one ban; P bans is a sorted set ip -> until
@@ -49,7 +50,7 @@ with the original as ``__cause__``::
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -234,6 +235,13 @@ for _, span in ipairs(redis.call('HKEYS', skey)) do
 end
 redis.call('ZREMRANGEBYSCORE', zkey, '-inf', oldest)
 return totals
+"""
+
+_ADD_COUNTERS = """
+local key = ARGV[1] .. 'counters'
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+end
 """
 
 _FREEZE = """
@@ -466,6 +474,16 @@ class RedisStateStore:
 
     async def reset_counter(self, key: str) -> None:
         await self._run(lambda: self._r.delete(f"{self._p}win:{key}", f"{self._p}wsum:{key}"))
+
+    # --- metrics ---------------------------------------------------------------
+    async def add_counters(self, deltas: Mapping[str, int]) -> None:
+        if deltas:
+            args = [str(x) for item in deltas.items() for x in item]
+            await self._script(_ADD_COUNTERS, *args)
+
+    async def counters(self) -> dict[str, int]:
+        raw = await self._hgetall(f"{self._p}counters")
+        return {_text(k): int(_text(v)) for k, v in raw.items()}
 
     # --- account flags -------------------------------------------------------
     async def get_account_state(self, account: str) -> AccountState:

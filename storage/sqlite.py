@@ -60,7 +60,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -142,9 +142,13 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+
+
 # MIGRATIONS[i] takes the schema from version i to version i + 1. A new
 # version is one more function appended here; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_migrate_to_1, _migrate_to_2)
+MIGRATIONS: tuple[Migration, ...] = (_migrate_to_1, _migrate_to_2, _migrate_to_3)
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
@@ -530,6 +534,29 @@ class SqliteStateStore:
             conn.execute("DELETE FROM windows WHERE key = ?", (key,))
 
         await self._call(self._write(reset, durable=False))
+
+    # --- metrics -----------------------------------------------------------------
+    async def add_counters(self, deltas: Mapping[str, int]) -> None:
+        rows = list(deltas.items())
+
+        def add(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                rows,
+            )
+
+        if rows:
+            await self._call(self._write(add, durable=False))
+
+    async def counters(self) -> dict[str, int]:
+        def select(conn: sqlite3.Connection) -> dict[str, int]:
+            return {
+                str(name): int(value)
+                for name, value in conn.execute("SELECT name, value FROM counters")
+            }
+
+        return await self._call(select)
 
     # --- account flags ---------------------------------------------------------
     async def get_account_state(self, account: str) -> AccountState:

@@ -44,7 +44,7 @@ import string
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote
@@ -53,6 +53,7 @@ from aiohttp import web
 
 from storage.interfaces import BlobNotFound, BlobStore, LinkRecord, StateStore
 from web.links import BadToken, ExpiredToken, LinkSigner
+from web.metrics import Metrics
 from web.templates import PartialCache
 
 __all__ = [
@@ -106,6 +107,7 @@ SERVER_NAME = "attachgate"
 class WebOptions:
     public_url: str
     clock: Callable[[], float] = time.time
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -358,17 +360,22 @@ def _status_page(pages: _Pages, status: int, reason: str) -> web.Response:
 async def _resolve(request: web.Request) -> tuple[str, LinkRecord]:
     """The token and the live link record it names; 404 or 410 otherwise."""
     app = request.app
+    options = app[OPTIONS_KEY]
     token = request.match_info["token"]
     try:
         link_id = app[SIGNER_KEY].verify(token)
     except ExpiredToken:
+        options.metrics.inc("attachgate_download_refusals_total", status="410")
         raise web.HTTPGone() from None
     except BadToken:
+        options.metrics.inc("attachgate_download_refusals_total", status="404")
         raise web.HTTPNotFound() from None
     record = await app[STATE_KEY].get_link(link_id)
     if record is None:
+        options.metrics.inc("attachgate_download_refusals_total", status="404")
         raise web.HTTPNotFound()
-    if record.revoked or record.expires <= app[OPTIONS_KEY].clock():
+    if record.revoked or record.expires <= options.clock():
+        options.metrics.inc("attachgate_download_refusals_total", status="410")
         raise web.HTTPGone()
     return token, record
 
@@ -382,6 +389,7 @@ async def landing(request: web.Request) -> web.Response:
     app = request.app
     pages = app[_PAGES_KEY]
     domain = sender_domain(record.sender)
+    app[OPTIONS_KEY].metrics.inc("attachgate_landing_views_total")
     text = pages.landing.substitute(
         filename=html.escape(display_name(record.filename)),
         size=html.escape(human_size(record.size)),
@@ -523,6 +531,7 @@ async def _respond_with_file(
             headers["Content-Range"] = verdict.content_range
 
     if request.method == "GET" and byte_range.start == 0:
+        app[OPTIONS_KEY].metrics.inc("attachgate_downloads_total")
         try:
             await app[STATE_KEY].record_download(record.link_id, app[OPTIONS_KEY].clock())
         except Exception:

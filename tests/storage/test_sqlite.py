@@ -38,13 +38,13 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
-async def test_new_file_is_wal_with_schema_version_2(db_path: Path) -> None:
+async def test_new_file_is_wal_with_schema_version_3(db_path: Path) -> None:
     store = await SqliteStateStore.open(db_path)
     await store.close()
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert schema_version(conn) == len(MIGRATIONS) == 2
+        assert schema_version(conn) == len(MIGRATIONS) == 3
     finally:
         conn.close()
 
@@ -79,16 +79,16 @@ async def test_a_second_migration_is_one_more_function(db_path: Path) -> None:
 
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
-        assert migrate(conn, (*MIGRATIONS, add_tags)) == 3
-        assert schema_version(conn) == 3
+        assert migrate(conn, (*MIGRATIONS, add_tags)) == 4
+        assert schema_version(conn) == 4
         conn.execute("INSERT INTO tags VALUES ('kept', 'x')")
-        assert migrate(conn, (*MIGRATIONS, add_tags)) == 3  # applied once only
+        assert migrate(conn, (*MIGRATIONS, add_tags)) == 4  # applied once only
         assert conn.execute("SELECT count(*) FROM links").fetchone() == (1,)
     finally:
         conn.close()
 
-    # This code knows version 2 only: a newer file is refused, not misread.
-    with pytest.raises(StateUnavailable, match="schema version 3"):
+    # This code knows version 3 only: a newer file is refused, not misread.
+    with pytest.raises(StateUnavailable, match="schema version 4"):
         await SqliteStateStore.open(db_path)
 
 

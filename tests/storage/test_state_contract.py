@@ -270,6 +270,25 @@ class TestStateStoreContract:
         with pytest.raises(ValueError, match="window"):
             await store.add_and_count("k", 1, T0, [60, 0])
 
+    # --- metrics -------------------------------------------------------------------
+    async def test_counters_add_up(self, store: StateStore) -> None:
+        assert await store.counters() == {}
+        await store.add_counters({"a_total": 2, 'b_total{case="x"}': 1})
+        await store.add_counters({"a_total": 3})
+        await store.add_counters({})
+        assert await store.counters() == {"a_total": 5, 'b_total{case="x"}': 1}
+
+    async def test_counters_from_two_writers_add_up(self, state_backend: StateBackend) -> None:
+        one, two = await state_backend.open(), await state_backend.open()
+        try:
+            await asyncio.gather(
+                *(s.add_counters({"n_total": 1}) for _ in range(20) for s in (one, two))
+            )
+            assert await one.counters() == {"n_total": 40}
+        finally:
+            await one.close()
+            await two.close()
+
     # --- account flags -------------------------------------------------------------
     async def test_unknown_account_has_default_state(self, store: StateStore) -> None:
         assert await store.get_account_state("x@example.com") == AccountState("x@example.com")
