@@ -290,8 +290,9 @@ class Gateway:
         if self._flusher is not None:
             # The last counts go to the store before it closes.
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            # gather: the flusher's own cancellation is its result, while a
+            # cancellation of close() itself still goes through.
+            await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
         if self.stores is not None:
             await self.stores.state.close()

@@ -74,6 +74,8 @@ class MessageRefused(Exception):
 class Processed:
     content: bytes
     link_ids: list[str] = field(default_factory=list)
+    linked_bytes: int = 0  # decoded size of what the links replaced
+    signed: bool = False  # DKIM
 
 
 class Processor(Protocol):
@@ -529,6 +531,12 @@ class Handler:
         if not hop.ok:
             await self.s.processor.discard(processed)
             return hop.lines(), "refused-by-next-hop"
+        metrics = self.s.metrics
+        if processed.link_ids:
+            metrics.inc("attachgate_attachments_linked_total", len(processed.link_ids))
+            metrics.inc("attachgate_attachment_bytes_linked_total", processed.linked_bytes)
+        if processed.signed:
+            metrics.inc("attachgate_dkim_signed_total")
         if not hop.message.strip():
             return str(R250_QUEUED), "delivered"
         return hop.lines(), "delivered"

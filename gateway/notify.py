@@ -136,6 +136,7 @@ class Notifier:
         except Exception:
             log.exception("notification %s could not be sent", kind)
             await self._record(kind, subject, rcpts, {r: "error" for r in rcpts})
+            self._metrics.inc("attachgate_notifications_total", result="failed")
             return False
         sent, temporary = await self._attempt(kind, subject, rcpts, content)
         if not sent and temporary and self._retry_delays:
@@ -144,6 +145,8 @@ class Notifier:
             )
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
+        elif not sent:
+            self._metrics.inc("attachgate_notifications_total", result="failed")
         return sent
 
     async def _attempt(
@@ -177,10 +180,13 @@ class Notifier:
         for delay in self._retry_delays:
             await asyncio.sleep(delay)
             sent, temporary = await self._attempt(kind, subject, rcpts, content)
-            if sent or not temporary:
+            if sent:
+                return
+            if not temporary:
+                self._metrics.inc("attachgate_notifications_total", result="failed")
                 return
         logs.event(log, "notification-given-up", logging.ERROR, kind=kind, rcpts=",".join(rcpts))
-        self._metrics.inc("attachgate_notifications_total", result="given-up")
+        self._metrics.inc("attachgate_notifications_total", result="failed")
 
     @property
     def pending_retries(self) -> int:

@@ -93,10 +93,11 @@ class MessageProcessor:
 
     async def process(self, tx: TxInfo, content: bytes) -> Processed:
         link_ids: list[str] = []
+        linked_bytes = 0
         account = tx.account
         if self._linking is not None and account is not None and account.linking.enabled:
             try:
-                content, link_ids = await self._link(tx, content)
+                content, link_ids, linked_bytes = await self._link(tx, content)
             except MimeError as exc:
                 self._metrics.inc("attachgate_rewrite_failures_total")
                 logs.event(
@@ -125,10 +126,15 @@ class MessageProcessor:
             except BaseException:
                 await self.discard(Processed(content, link_ids))
                 raise
-            self._metrics.inc("attachgate_dkim_signed_total")
-        return Processed(content=content, link_ids=link_ids)
+        return Processed(
+            content=content,
+            link_ids=link_ids,
+            linked_bytes=linked_bytes,
+            signed=self._dkim is not None,
+        )
 
-    async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str]]:
+    async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str], int]:
+        """The rewritten message, its link ids and the bytes taken out."""
         ctx = self._linking
         account = tx.account
         assert ctx is not None and account is not None
@@ -144,7 +150,7 @@ class MessageProcessor:
             self._metrics.inc("attachgate_linking_passed_total", reason=reason)
             if found.reason.startswith(("unparsable", "limits")):
                 logs.event(log, "rewrite-skipped", session=tx.session_id, reason=found.reason)
-            return content, []
+            return content, [], 0
         assert isinstance(found, Extraction)
         now = self._clock()
         expires = now + ctx.expire_after
@@ -185,8 +191,6 @@ class MessageProcessor:
         except BaseException:
             await ctx.state.delete_links(ids)
             raise
-        self._metrics.inc("attachgate_attachments_linked_total", len(records))
-        self._metrics.inc("attachgate_attachment_bytes_linked_total", sum(r.size for r in records))
         logs.event(
             log,
             "linked",
@@ -195,7 +199,7 @@ class MessageProcessor:
             files=len(records),
             bytes=sum(r.size for r in records),
         )
-        return rendered, ids
+        return rendered, ids, sum(r.size for r in records)
 
     async def discard(self, processed: Processed) -> None:
         if processed.link_ids and self._linking is not None:

@@ -256,6 +256,9 @@ class GatewaySMTP(SMTP):
         # Typed override only: aiosmtpd leaves this method unannotated.
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
+    def data_refused(self, reason: str) -> None:
+        """The reader refused the message before the handler saw it (a hook)."""
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         # The same checks and replies, in the same order, as aiosmtpd's smtp_DATA.
@@ -297,11 +300,13 @@ class GatewaySMTP(SMTP):
 
         if receiver.too_big:
             log.info("%r message too big: %d bytes", self._peer, receiver.size)
+            self.data_refused("too-big")
             self._set_post_data_state()
             await self.push(str(R552_TOO_BIG))
             return
         if receiver.has_nul:
             log.info("%r message refused: NUL in DATA", self._peer)
+            self.data_refused("nul")
             self._set_post_data_state()
             await self.push(str(R550_NUL))
             return

@@ -176,6 +176,10 @@ class FrontSMTP(GatewaySMTP):
         logs.event(log, "connect", logging.DEBUG, session=info.id, ip=ip)
         await super()._handle_client()
 
+    def data_refused(self, reason: str) -> None:
+        # Refused by the DATA reader (too big, NUL): the handler never saw it.
+        self._ag_handler.s.metrics.inc("attachgate_messages_total", outcome="failed")
+
     def _ag_close(self) -> None:
         if self.transport is not None:
             self.transport.close()

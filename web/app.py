@@ -493,6 +493,7 @@ async def download(request: web.Request) -> web.StreamResponse:
             fobj, size = opened
     except BlobNotFound:
         log.error("blob missing for link", extra={"link_id": record.link_id, "digest": digest})
+        app[OPTIONS_KEY].metrics.inc("attachgate_download_refusals_total", status="410")
         raise web.HTTPGone() from None
 
     try:

@@ -44,26 +44,33 @@ COUNTERS: Mapping[str, str] = {
     "attachgate_delivered_bytes_total": "Bytes of delivered messages, as received.",
     "attachgate_delivered_recipients_total": "Recipients of delivered messages.",
     "attachgate_refusals_total": (
-        "Policy refusals by stage (mail, rcpt, data) and case (the [policy] case names)."
+        "Policy refusals by case (the [policy] case names, and relay_denied)."
     ),
     "attachgate_next_hop_failures_total": "Next hop unreachable, timed out or dropped.",
-    "attachgate_attachments_linked_total": "Attachments taken out and replaced by a link.",
-    "attachgate_attachment_bytes_linked_total": "Bytes of the attachments taken out.",
+    "attachgate_attachments_linked_total": (
+        "Attachments taken out and replaced by a link, in delivered messages."
+    ),
+    "attachgate_attachment_bytes_linked_total": (
+        "Bytes of the attachments taken out, in delivered messages."
+    ),
     "attachgate_linking_passed_total": (
-        "Messages of linking accounts left as they were, by reason (no-attachments, signed, "
-        "encrypted, limits, unparsable)."
+        "Messages of linking accounts passed on with their attachments, by reason "
+        "(no-attachments, signed, encrypted, limits, unparsable)."
     ),
     "attachgate_rewrite_failures_total": "Messages the rewriter could not handle.",
-    "attachgate_dkim_signed_total": "Messages DKIM-signed.",
+    "attachgate_dkim_signed_total": "Delivered messages that were DKIM-signed.",
     "attachgate_hijack_limits_total": "Hijack limits crossed (whether or not that froze).",
     "attachgate_accounts_frozen_total": "Accounts frozen by the hijack limits.",
     "attachgate_ip_bans_total": "Addresses banned by failed-AUTH screening.",
     "attachgate_notifications_total": (
-        "Administrator notifications by result (sent, deduplicated, given-up)."
+        "Administrator notifications by result (sent; deduplicated; failed: refused for "
+        "good, or still not taken after the last retry)."
     ),
     "attachgate_landing_views_total": "Download landing pages shown.",
     "attachgate_downloads_total": "Downloads counted (GET of the whole file or its first byte).",
-    "attachgate_download_refusals_total": "Link requests answered 404 (unknown) or 410 (gone).",
+    "attachgate_download_refusals_total": (
+        "Link requests answered 404 (unknown, forged) or 410 (expired, revoked, file gone)."
+    ),
 }
 
 GAUGES: Mapping[str, str] = {

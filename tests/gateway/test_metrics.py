@@ -206,13 +206,21 @@ async def test_outcomes_of_messages_that_are_not_delivered(
     key_file = tmp_path / "ed1.key"
     write_private_key(key_file, pem)
     dkim = {"domains": {DOMAIN: {"dkim_keys": [{"selector": "ed1", "key_file": str(key_file)}]}}}
-    gw = await make_gw(METRICS_ON, dkim)
+    gw = await make_gw(METRICS_ON, dkim, {"smtp": {"max_message_size": "64KiB"}})
     d = await plain(gw.smtp_ports[0])
     # A linking account's message without attachments: passed as it was.
     assert (await transaction(d, ALICE, ["x@remote.test"], message()))[0] == 250
-    # The next hop refuses the content.
+    # The next hop refuses the content, once with an attachment taken out: the
+    # links are removed again, so nothing counts as linked (nor as signed).
     sink.faults.data = "554 5.6.0 content rejected"
     assert (await transaction(d, BOB, ["x@remote.test"], message(BOB)))[0] == 554
+    linked = with_attachment(ALICE, os.urandom(5000))
+    assert (await transaction(d, ALICE, ["x@remote.test"], linked))[0] == 554
+    # Refused by the DATA reader before the handler sees the message.
+    too_big = message(BOB).replace(b"\r\n\r\n", b"\r\n\r\n" + b"x" * 70 * 1024, 1)
+    assert (await transaction(d, BOB, ["x@remote.test"], too_big))[0] == 552
+    nul = message(BOB).replace(b"\r\n\r\n", b"\r\n\r\nnul \x00 here\r\n", 1)
+    assert (await transaction(d, BOB, ["x@remote.test"], nul))[0] == 550
     # The next hop drops the connection at DATA: deferred.
     sink.faults.data = "drop"
     assert (await transaction(d, BOB, ["x@remote.test"], message(BOB)))[0] == 451
@@ -227,14 +235,14 @@ async def test_outcomes_of_messages_that_are_not_delivered(
     assert counted(await scrape(gw.metrics_port)) == {
         "attachgate_smtp_connections_total": 1,
         'attachgate_messages_total{outcome="delivered"}': 1,
-        'attachgate_messages_total{outcome="refused-by-next-hop"}': 1,
+        'attachgate_messages_total{outcome="refused-by-next-hop"}': 2,
         'attachgate_messages_total{outcome="deferred"}': 1,
-        'attachgate_messages_total{outcome="failed"}': 1,
+        'attachgate_messages_total{outcome="failed"}': 3,
         "attachgate_delivered_bytes_total": len(message()),
         "attachgate_delivered_recipients_total": 1,
         'attachgate_linking_passed_total{reason="no-attachments"}': 1,
         "attachgate_next_hop_failures_total": 1,
-        "attachgate_dkim_signed_total": 3,
+        "attachgate_dkim_signed_total": 1,
         'attachgate_refusals_total{case="duplicate_headers"}': 1,
     }
 
@@ -315,3 +323,20 @@ async def test_counts_survive_a_restart(
         "attachgate_attachments_linked_total": 2,
         "attachgate_attachment_bytes_linked_total": len(data) + len(more),
     }
+
+
+async def test_a_link_whose_file_is_gone_counts_as_410(
+    make_gw: GatewayFactory, sink: CaptureSink
+) -> None:
+    gw = await make_gw(METRICS_ON)
+    assert gw.stores is not None and gw.link_signer is not None
+    await send_linked(gw, sink, os.urandom(5000), ["x@remote.test"])
+    token = token_in(sink.messages[-1].content)
+    record = await gw.stores.state.get_link(gw.link_signer.verify(token))
+    assert record is not None
+    await gw.stores.blobs.delete(record.blob_digest)
+    status, _ = await get(f"http://127.0.0.1:{gw.web_port}/d/{token}/file")
+    assert status == 410
+    samples = await scrape(gw.metrics_port)
+    assert samples['attachgate_download_refusals_total{status="410"}'] == 1
+    assert samples["attachgate_downloads_total"] == 0

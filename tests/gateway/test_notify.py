@@ -24,6 +24,7 @@ from gateway.notify import Notifier, build_notification
 from gateway.sink import Captured, CaptureSink
 from storage.sqlite import SqliteStateStore
 from tests.helpers.clock import T0, FakeClock
+from web.metrics import Metrics
 
 
 def parsed(captured: Captured) -> EmailMessage:
@@ -224,6 +225,50 @@ async def test_temporary_failure_is_retried_in_the_background(tmp_path: Path, si
         )
         assert sent is False
         assert notifier.pending_retries == 0
+    finally:
+        await notifier.close()
+        await hop.close()
+        await state.close()
+
+
+async def test_every_notification_ends_in_one_counted_result(tmp_path: Path, sink: Any) -> None:
+    state = await SqliteStateStore.open(tmp_path / "state.db")
+    hop = next_hop_for(sink.port)
+    metrics = Metrics()
+    notifier = Notifier(
+        next_hop=hop,
+        hostname="gw.test",
+        sender=None,
+        state=state,
+        retry_delays=(0.01, 0.01),
+        metrics=metrics,
+    )
+
+    async def settled() -> None:
+        async with asyncio.timeout(5):
+            while notifier.pending_retries:
+                await asyncio.sleep(0.01)
+
+    def results() -> dict[str, int]:
+        return {
+            k.split('"')[1]: v
+            for k, v in metrics.pending.items()
+            if k.startswith("attachgate_notifications_total")
+        }
+
+    try:
+        to = ["a@example.com"]
+        assert await notifier.send("t", to, "s", "b", dedup_key="k", dedup_for=60)
+        assert not await notifier.send("t", to, "s", "b", dedup_key="k", dedup_for=60)
+        assert results() == {"sent": 1, "deduplicated": 1}
+        sink.faults.data = "554 5.7.1 no"  # refused for good at once
+        await notifier.send("t", ["a@example.com"], "s", "b", dedup_key=None, dedup_for=0)
+        assert results() == {"sent": 1, "deduplicated": 1, "failed": 1}
+        sink.faults.data = "451 4.3.0 later"  # refused until the retries run out
+        await notifier.send("t", ["a@example.com"], "s", "b", dedup_key=None, dedup_for=0)
+        await settled()
+        assert results() == {"sent": 1, "deduplicated": 1, "failed": 2}
+        sink.faults.data = None
     finally:
         await notifier.close()
         await hop.close()

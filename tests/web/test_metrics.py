@@ -461,9 +461,10 @@ async def test_scrape_sums_two_workers_sharing_one_store(tmp_path: Path) -> None
         worker_b.inc("attachgate_downloads_total", 3)
         worker_b.inc("attachgate_auth_total", result="failed")
         worker_b.inc("attachgate_attachment_bytes_linked_total", 123_456)
-        # Gauges come from the shared state: one frozen account, one live
-        # ban, one ban that ran out.
+        # Gauges come from the shared state: one frozen account (and one
+        # disabled, not frozen), one live ban, one ban that ran out.
         assert await store_a.freeze("alice@example.test", "test", clock())
+        assert await store_a.set_disabled("bob@example.test", True)
         await store_a.ban("192.0.2.1", clock() + 600, "test", clock())
         await store_a.ban("192.0.2.2", clock() - 1, "test", clock() - 600)
         # Worker A's counts since its flush are not seen by a scrape of B.
