@@ -5,7 +5,6 @@ real SMTP in, real HTTP downloads, and the counts read back by scraping
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
 import time
@@ -29,6 +28,7 @@ from tests.helpers.gw import (
     GatewayFactory,
     client_tls,
     message,
+    with_attachment,
 )
 from tests.web.test_metrics import parse_exposition
 from web.links import LinkSigner, new_link_id
@@ -42,20 +42,6 @@ METRICS_ON: dict[str, Any] = {
     "accounts": {ALICE: {"linking": {"enabled": True, "min_size": MIN_SIZE}}},
 }
 TOKEN_RE = re.compile(rb"/d/([A-Za-z0-9_\-.]+)")
-
-
-def with_attachment(sender: str, data: bytes, name: str = "report.bin") -> bytes:
-    b64 = base64.encodebytes(data).replace(b"\n", b"\r\n").decode()
-    return (
-        f"From: <{sender}>\r\nTo: <x@remote.test>\r\nSubject: metrics\r\n"
-        "Date: Tue, 24 Nov 2026 08:00:00 +0000\r\nMessage-ID: <m@example.test>\r\n"
-        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
-        "--b\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n--b\r\n"
-        f'Content-Type: application/octet-stream; name="{name}"\r\n'
-        f'Content-Disposition: attachment; filename="{name}"\r\n'
-        "Content-Transfer-Encoding: base64\r\n\r\n"
-        f"{b64}--b--\r\n"
-    ).encode()
 
 
 async def plain(port: int, source: str | None = None) -> Dialogue:
@@ -150,7 +136,7 @@ async def test_counts_of_a_session_mix_scraped_over_http(
     # Downloads over the gateway's own web port.
     base = f"http://127.0.0.1:{gw.web_port}"
     status, page = await get(f"{base}/d/{token}")
-    assert status == 200 and b"report.bin" in page
+    assert status == 200 and b"file.bin" in page
     assert await get(f"{base}/d/{token}/file") == (200, data)
     # Neither HEAD nor a resumed range counts as a download.
     async with aiohttp.ClientSession() as http, http.head(f"{base}/d/{token}/file") as resp:

@@ -13,8 +13,15 @@ import aiohttp
 
 from gateway.sink import CaptureSink
 from tests.gateway.test_hijack_e2e import send
-from tests.gateway.test_retention import with_attachment
-from tests.helpers.gw import ALICE, base_config, deep_merge, free_port, message, start_gateway
+from tests.helpers.gw import (
+    ALICE,
+    base_config,
+    deep_merge,
+    free_port,
+    message,
+    start_gateway,
+    with_attachment,
+)
 
 
 async def test_linking_and_limits_with_redis_state(

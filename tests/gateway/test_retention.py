@@ -3,7 +3,6 @@ removes expired links and their blobs, never a blob a live link needs."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -15,19 +14,14 @@ import aiosmtplib
 import pytest
 
 from gateway.sink import CaptureSink
-from tests.helpers.gw import ALICE, BOB, GatewayFactory, base_config, deep_merge
-
-
-def with_attachment(sender: str, data: bytes, name: str = "file.bin") -> bytes:
-    b64 = base64.encodebytes(data).replace(b"\n", b"\r\n").decode()
-    return (
-        f"From: <{sender}>\r\nTo: <x@remote.test>\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
-        "Content-Type: text/plain\r\n\r\nhello\r\n--b\r\n"
-        f'Content-Type: application/octet-stream; name="{name}"\r\n'
-        "Content-Transfer-Encoding: base64\r\n\r\n"
-        f"{b64}--b--\r\n"
-    ).encode()
+from tests.helpers.gw import (
+    ALICE,
+    BOB,
+    GatewayFactory,
+    base_config,
+    deep_merge,
+    with_attachment,
+)
 
 
 async def send(port: int, sender: str, raw: bytes) -> tuple[int, str]:

@@ -134,6 +134,21 @@ def message(sender: str = ALICE, to: str = "someone@remote.test", body: str = "H
     ).encode()
 
 
+def with_attachment(sender: str, data: bytes, name: str = "file.bin") -> bytes:
+    """A message from ``sender`` with a short text part and ``data`` attached (base64)."""
+    b64 = base64.encodebytes(data).replace(b"\n", b"\r\n").decode()
+    return (
+        f"From: <{sender}>\r\nTo: <x@remote.test>\r\nSubject: attached\r\n"
+        "Date: Tue, 24 Nov 2026 08:00:00 +0000\r\nMessage-ID: <m@example.test>\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n--b\r\n"
+        f'Content-Type: application/octet-stream; name="{name}"\r\n'
+        f'Content-Disposition: attachment; filename="{name}"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+        f"{b64}--b--\r\n"
+    ).encode()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now (for configurations
     that need the number before the server starts)."""
