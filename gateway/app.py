@@ -191,6 +191,7 @@ class Gateway:
             clock=self.clock,
             retry_delays=NOTIFY_RETRY_DELAYS,
             metrics=self.metrics,
+            sign=signer.sign if signer is not None else None,
         )
         self.notifier = notifier
         self.abuse = AbuseControl(

@@ -84,8 +84,10 @@ class Notifier:
         clock: Callable[[], float] = time.time,
         retry_delays: Sequence[float] = (),
         metrics: Metrics | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        self._sign = sign
         self._next_hop = next_hop
         self._hostname = hostname
         self._sender = sender or f"postmaster@{hostname}"
@@ -131,6 +133,9 @@ class Notifier:
                 now=now,
                 reply_to=reply_to,
             )
+            if self._sign is not None:
+                # DKIM, when the notification's From domain has a key.
+                content = self._sign(content)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -16,14 +16,18 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 
 from gateway.config import NextHopSettings
 from gateway.delivery import NextHop
+from gateway.dkim import DkimKey, Signer, generate_key
 from gateway.notify import Notifier, build_notification
 from gateway.sink import Captured, CaptureSink
 from storage.sqlite import SqliteStateStore
+from tests.gateway.test_dkim import _dnsfunc
 from tests.helpers.clock import T0, FakeClock
+from tests.helpers.dnsserver import ZoneServer
 from web.metrics import Metrics
 
 
@@ -273,3 +277,25 @@ async def test_every_notification_ends_in_one_counted_result(tmp_path: Path, sin
         await notifier.close()
         await hop.close()
         await state.close()
+
+
+async def test_notifications_are_dkim_signed_when_their_domain_has_a_key(
+    recorder: CaptureSink, hop: NextHop, state: SqliteStateStore
+) -> None:
+    pem, txt = generate_key("ed25519")
+    key = DkimKey("gw.test", "n1", "ed25519-sha256", pem)
+    notifier = Notifier(
+        next_hop=hop, hostname="gw.test", sender=None, state=state, sign=Signer([key]).sign
+    )
+    assert await notifier.send("t", ["a@example.com"], "s", "b", dedup_key=None, dedup_for=0)
+    signed = recorder.messages[0].content
+    assert signed.startswith(b"DKIM-Signature:")
+    with ZoneServer([("n1._domainkey.gw.test", "TXT", txt)]) as zone:
+        assert dkim.DKIM(signed).verify(dnsfunc=_dnsfunc(zone))
+    # Another domain's key signs nothing.
+    other = DkimKey("example.com", "n1", "ed25519-sha256", pem)
+    plain = Notifier(
+        next_hop=hop, hostname="gw.test", sender=None, state=state, sign=Signer([other]).sign
+    )
+    assert await plain.send("t", ["a@example.com"], "s", "b", dedup_key=None, dedup_for=0)
+    assert b"DKIM-Signature" not in recorder.messages[1].content
