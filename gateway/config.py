@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from argon2 import extract_parameters
+from argon2.exceptions import InvalidHashError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -176,6 +179,19 @@ def _ip_address(value: object) -> object:
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Listen = Annotated[str, BeforeValidator(_parse_listen)]
+
+
+def _argon2_hash(value: SecretStr) -> SecretStr:
+    # A plain password or another scheme's hash would make every login fail
+    # quietly; the message never repeats the value.
+    try:
+        extract_parameters(value.get_secret_value())
+    except InvalidHashError:
+        raise ValueError("not an argon2 hash (make one with `attachgate password hash`)") from None
+    return value
+
+
+PasswordHash = Annotated[SecretStr, AfterValidator(_argon2_hash)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 NetworkItem = Annotated[Network, BeforeValidator(_parse_network)]
 Networks = Annotated[list[NetworkItem], BeforeValidator(_network_list)]
@@ -246,7 +262,7 @@ class WebSettings(_Section):
     public_url: str = "http://127.0.0.1:8080"
     admin_enabled: bool = False
     admin_username: str = "admin"
-    admin_password_hash: SecretStr | None = None
+    admin_password_hash: PasswordHash | None = None
 
     @field_validator("public_url")
     @classmethod
@@ -387,7 +403,7 @@ class DomainSettings(_Section):
 
 
 class AccountSettings(_Section):
-    password_hash: SecretStr | None = None
+    password_hash: PasswordHash | None = None
     send_as: list[Mailbox] = []
     disabled: bool = False
     linking: LinkingOverride | None = None

@@ -95,6 +95,28 @@ def test_config_errors_name_each_key(tmp_path: Path) -> None:
         assert key in res.stderr, key
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "correct horse battery staple",  # the password itself, pasted by mistake
+        "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",  # bcrypt
+        "$argon2id$v=19$m=65536,t=3,p=4$broken",
+    ],
+)
+def test_a_password_hash_that_is_not_argon2_is_a_config_error(tmp_path: Path, value: str) -> None:
+    cfg = write(
+        tmp_path, GOOD.replace("$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo", value)
+    )
+    res = run("config", "check", "--config", str(cfg))
+    assert res.returncode == 2
+    assert "accounts.alice@example.test.password_hash: not an argon2 hash" in res.stderr
+    assert value not in res.stderr + res.stdout
+    admin = write(tmp_path, GOOD + f'\n[web]\nadmin_password_hash = "{value}"\n')
+    res = run("config", "check", "--config", str(admin))
+    assert res.returncode == 2
+    assert "web.admin_password_hash: not an argon2 hash" in res.stderr
+
+
 def test_environment_overrides_and_is_checked(tmp_path: Path) -> None:
     cfg = write(tmp_path, GOOD)
     res = run(
