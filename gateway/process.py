@@ -113,9 +113,13 @@ class MessageProcessor:
                 raise MessageRefused(
                     R554_NEEDS_8BITMIME, f"cannot convert to 7 bit: {exc}"
                 ) from exc
+        signed = False
         if self._dkim is not None:
             try:
+                unsigned = content
                 content = await self._run(self._dkim.sign, content)
+                # The signer hands back the same object when the author's domain has no key.
+                signed = content is not unsigned
             except DuplicateHeaderError as exc:
                 self._metrics.inc("attachgate_refusals_total", case="duplicate_headers")
                 await self.discard(Processed(content, link_ids))
@@ -130,7 +134,7 @@ class MessageProcessor:
             content=content,
             link_ids=link_ids,
             linked_bytes=linked_bytes,
-            signed=self._dkim is not None,
+            signed=signed,
         )
 
     async def _link(self, tx: TxInfo, content: bytes) -> tuple[bytes, list[str], int]:

@@ -17,6 +17,8 @@ Data layout (``P`` is the prefix)::
     P win:<key>        sorted set: "<seq>:<amount>" scored by event time
     P wsum:<key>       hash: window span -> "<total> <edge>", the running sum of
                        the events scored after the edge (see add_and_count)
+    P windows          sorted set: window key -> when all its events are out of
+                       every window (gc removes such keys)
     P counters         hash: metrics sample -> value
     P seq              counter that keeps window members unique
     P acct:<account>   hash: account flags; P accounts is the set of them
@@ -143,6 +145,10 @@ for _, ip in ipairs(redis.call('ZRANGEBYSCORE', p .. 'bans', '-inf', now)) do
 end
 redis.call('ZREMRANGEBYSCORE', p .. 'bans', '-inf', now)
 redis.call('ZREMRANGEBYSCORE', p .. 'claims', '-inf', now)
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', p .. 'windows', '-inf', now)) do
+  redis.call('DEL', p .. 'win:' .. key, p .. 'wsum:' .. key)
+end
+redis.call('ZREMRANGEBYSCORE', p .. 'windows', '-inf', now)
 local orphans = {}
 for digest, _ in pairs(candidates) do
   if redis.call('SCARD', p .. 'blob:' .. digest) == 0 then
@@ -198,6 +204,8 @@ _ADD_AND_COUNT = """
 local p, key, amount, now, oldest = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local zkey = p .. 'win:' .. key
 local skey = p .. 'wsum:' .. key
+-- when every event of the key will be out of every window, unless more come
+redis.call('ZADD', p .. 'windows', ARGV[6], key)
 local seq = redis.call('INCR', p .. 'seq')
 redis.call('ZADD', zkey, now, seq .. ':' .. ARGV[3])
 -- the sum of the amounts scored in (low, high]
@@ -210,7 +218,7 @@ local function between(low, high)
 end
 local t = tonumber(now)
 local asked, totals = {}, {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local span, edge = ARGV[i], ARGV[i + 1]
   local saved = redis.call('HGET', skey, span)
   local total
@@ -460,8 +468,9 @@ class RedisStateStore:
         unique = sorted(set(spans))
         edges = [arg for span in unique for arg in (_num(span), _num(now - span))]
         oldest = _num(now - unique[-1] - WINDOW_SLACK)
+        idle = _num(now + unique[-1] + WINDOW_SLACK)
         totals = await self._script(
-            _ADD_AND_COUNT, key, str(int(amount)), _num(now), oldest, *edges
+            _ADD_AND_COUNT, key, str(int(amount)), _num(now), oldest, idle, *edges
         )
         by_span = dict(zip(unique, (int(t) for t in totals), strict=True))
         return [by_span[span] for span in spans]

@@ -196,6 +196,9 @@ async def test_outcomes_of_messages_that_are_not_delivered(
     d = await plain(gw.smtp_ports[0])
     # A linking account's message without attachments: passed as it was.
     assert (await transaction(d, ALICE, ["x@remote.test"], message()))[0] == 250
+    # Its author's domain has no key: delivered, not signed.
+    foreign = message("someone@elsewhere.test")
+    assert (await transaction(d, BOB, ["x@remote.test"], foreign))[0] == 250
     # The next hop refuses the content, once with an attachment taken out: the
     # links are removed again, so nothing counts as linked (nor as signed).
     sink.faults.data = "554 5.6.0 content rejected"
@@ -216,16 +219,16 @@ async def test_outcomes_of_messages_that_are_not_delivered(
     code, text = await transaction(d, BOB, ["x@remote.test"], twice)
     assert code == 550, text
     await quit_(d)
-    assert len(sink.messages) == 1
+    assert len(sink.messages) == 2
 
     assert counted(await scrape(gw.metrics_port)) == {
         "attachgate_smtp_connections_total": 1,
-        'attachgate_messages_total{outcome="delivered"}': 1,
+        'attachgate_messages_total{outcome="delivered"}': 2,
         'attachgate_messages_total{outcome="refused-by-next-hop"}': 2,
         'attachgate_messages_total{outcome="deferred"}': 1,
         'attachgate_messages_total{outcome="failed"}': 3,
-        "attachgate_delivered_bytes_total": len(message()),
-        "attachgate_delivered_recipients_total": 1,
+        "attachgate_delivered_bytes_total": len(message()) + len(foreign),
+        "attachgate_delivered_recipients_total": 2,
         'attachgate_linking_passed_total{reason="no-attachments"}': 1,
         "attachgate_next_hop_failures_total": 1,
         "attachgate_dkim_signed_total": 1,

@@ -246,6 +246,20 @@ class TestStateStoreContract:
             got = await store.add_and_count("k", amount, clock.now, windows)
             assert got == [expected(clock.now, w) for w in windows]
 
+    async def test_gc_forgets_keys_idle_past_their_windows(self, store: StateStore) -> None:
+        # One failed login from an address that never comes back must not stay forever.
+        await store.add_and_count("authfail:ip:192.0.2.1", 1, T0, [60])
+        await store.add_and_count("busy", 1, T0, [60, 600])
+        late = T0 + 60 + WINDOW_SLACK
+        await store.add_and_count("busy", 1, late - 1, [60, 600])
+        await store.gc(late - 1)
+        assert await store.count("authfail:ip:192.0.2.1", late, 1e9) == 1  # not idle long enough
+        await store.gc(late)
+        assert await store.count("authfail:ip:192.0.2.1", late, 1e9) == 0
+        assert await store.count("busy", late, 1e9) == 2  # added to a second ago
+        assert await store.add_and_count("authfail:ip:192.0.2.1", 1, late, [60]) == [1]
+        assert await store.add_and_count("busy", 1, late, [60, 600]) == [2, 3]
+
     async def test_a_window_asked_twice_counts_once(self, store: StateStore) -> None:
         assert await store.add_and_count("k", 2, T0, [60, 60, 10]) == [2, 2, 2]
         assert await store.add_and_count("k", 3, T0 + 20, [60, 60, 10]) == [5, 5, 3]
