@@ -585,30 +585,19 @@ class AbuseControl:
         reply = self._policy("frozen_account")
         self._metrics.inc("attachgate_hijack_limits_total")
         if limits.freeze:
-            first = await self._state.freeze(account.address, crossing.describe(), now)
-            if first:
-                self._metrics.inc("attachgate_accounts_frozen_total")
-                logs.event(
-                    log,
-                    "account-frozen",
-                    logging.WARNING,
-                    account=account.address,
-                    limit=crossing.describe(),
-                    ip=tx.client.ip,
-                    session=tx.session_id,
-                )
-                self._spawn(self._notify_hijack(account, crossing, now, frozen=True))
-        else:
-            logs.event(
-                log,
-                "hijack-limit",
-                logging.WARNING,
-                account=account.address,
-                limit=crossing.describe(),
-                ip=tx.client.ip,
-                session=tx.session_id,
-            )
-            self._spawn(self._notify_hijack(account, crossing, now, frozen=False))
+            if not await self._state.freeze(account.address, crossing.describe(), now):
+                return reply  # another session froze it first, and told the administrators
+            self._metrics.inc("attachgate_accounts_frozen_total")
+        logs.event(
+            log,
+            "account-frozen" if limits.freeze else "hijack-limit",
+            logging.WARNING,
+            account=account.address,
+            limit=crossing.describe(),
+            ip=tx.client.ip,
+            session=tx.session_id,
+        )
+        self._spawn(self._notify_hijack(account, crossing, now, frozen=limits.freeze))
         return reply
 
     def unfreeze_link(self, account: str) -> str:
