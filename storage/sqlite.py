@@ -518,7 +518,8 @@ class SqliteStateStore:
                 " SET total = excluded.total, edge = excluded.edge",
                 [(key, span, totals[span], now - span) for span in unique],
             )
-            conn.execute(stale, (key, *unique))
+            if saved.keys() - totals.keys():
+                conn.execute(stale, (key, *unique))
             conn.execute(
                 "DELETE FROM events WHERE key = ? AND ts <= ?",
                 (key, now - unique[-1] - WINDOW_SLACK),

@@ -260,6 +260,15 @@ class TestStateStoreContract:
         assert await store.add_and_count("authfail:ip:192.0.2.1", 1, late, [60]) == [1]
         assert await store.add_and_count("busy", 1, late, [60, 600]) == [2, 3]
 
+    async def test_a_window_dropped_and_asked_again_starts_right(self, store: StateStore) -> None:
+        # A configuration change drops the hour window, events age out under the
+        # shorter one alone, then the hour window comes back: its total must be
+        # rebuilt from what is stored, not carried on from before.
+        assert await store.add_and_count("k", 5, T0, [60, 3600]) == [5, 5]
+        later = T0 + 3600 + WINDOW_SLACK + 1
+        assert await store.add_and_count("k", 1, later, [60]) == [1]
+        assert await store.add_and_count("k", 1, later + 10, [60, 3600]) == [2, 2]
+
     async def test_a_window_asked_twice_counts_once(self, store: StateStore) -> None:
         assert await store.add_and_count("k", 2, T0, [60, 60, 10]) == [2, 2, 2]
         assert await store.add_and_count("k", 3, T0 + 20, [60, 60, 10]) == [5, 5, 3]
