@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Literal
 
 import dkim
-import dns.exception
-import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -51,7 +49,7 @@ from gateway.dkim import (
     with_header_separator,
     write_private_key,
 )
-from tests.helpers.dnsserver import ZoneServer
+from tests.helpers.dnsserver import ZoneServer, txt_lookup
 
 DOMAIN = "example.com"
 RSA_SELECTOR = "rsa2026"
@@ -116,28 +114,9 @@ def zone(rsa_pair: KeyPair, ed_pair: KeyPair, other_pair: KeyPair) -> Iterator[Z
 DnsFunc = Callable[..., bytes | None]
 
 
-def _dnsfunc(server: ZoneServer) -> DnsFunc:
-    """dkimpy's key lookup hook, answered by the loopback DNS server."""
-    assert server.address is not None
-    host, port = server.address
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [host]
-    resolver.port = port
-    resolver.lifetime = 5
-
-    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode("ascii"), "TXT", lifetime=timeout)
-        except dns.exception.DNSException:
-            return None
-        return b"".join(b"".join(rdata.strings) for rdata in answer)
-
-    return lookup
-
-
 @pytest.fixture(scope="module")
 def dnsfunc(zone: ZoneServer) -> DnsFunc:
-    return _dnsfunc(zone)
+    return txt_lookup(zone)
 
 
 @dataclass(frozen=True)
@@ -799,7 +778,7 @@ def test_generated_key_published_in_chunks_verifies(
     )
     key = DkimKey(DOMAIN, "gen", name, pem)
     with ZoneServer([(f"gen._domainkey.{DOMAIN}", "TXT", zone_text)]) as server:
-        assert verify_all(Signer([key]).sign(MESSAGE), _dnsfunc(server)) == [True]
+        assert verify_all(Signer([key]).sign(MESSAGE), txt_lookup(server)) == [True]
     with pytest.raises(ValueError, match="1024"):
         generate_key("rsa", 768)
 

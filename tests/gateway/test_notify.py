@@ -25,9 +25,8 @@ from gateway.dkim import DkimKey, Signer, generate_key
 from gateway.notify import Notifier, build_notification
 from gateway.sink import Captured, CaptureSink
 from storage.sqlite import SqliteStateStore
-from tests.gateway.test_dkim import _dnsfunc
 from tests.helpers.clock import T0, FakeClock
-from tests.helpers.dnsserver import ZoneServer
+from tests.helpers.dnsserver import ZoneServer, txt_lookup
 from web.metrics import Metrics
 
 
@@ -291,7 +290,7 @@ async def test_notifications_are_dkim_signed_when_their_domain_has_a_key(
     signed = recorder.messages[0].content
     assert signed.startswith(b"DKIM-Signature:")
     with ZoneServer([("n1._domainkey.gw.test", "TXT", txt)]) as zone:
-        assert dkim.DKIM(signed).verify(dnsfunc=_dnsfunc(zone))
+        assert dkim.DKIM(signed).verify(dnsfunc=txt_lookup(zone))
     # Another domain's key signs nothing.
     other = DkimKey("example.com", "n1", "ed25519-sha256", pem)
     plain = Notifier(

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import dkim
-import dns.resolver
 import pytest
 
 from gateway.app import Gateway
@@ -26,7 +25,7 @@ from gateway.mime import Extraction, LinkingRules, Passthrough, plan
 from gateway.sink import CaptureSink
 from tests.gateway.mime.checks import check_rendered
 from tests.gateway.mime.conftest import corpus_files, load
-from tests.helpers.dnsserver import ZoneServer
+from tests.helpers.dnsserver import ZoneServer, txt_lookup
 from tests.helpers.gw import ALICE, DOMAIN, base_config, deep_merge, free_port, start_gateway
 
 URL_RE = re.compile(rb"http://127\.0\.0\.1:\d+/d/[A-Za-z0-9_\-.]+")
@@ -49,23 +48,6 @@ def dkim_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def zone(dkim_keys: dict[str, Any]) -> Iterator[ZoneServer]:
     with ZoneServer(dkim_keys["records"]) as server:
         yield server
-
-
-def dnsfunc(server: ZoneServer) -> Any:
-    resolver = dns.resolver.Resolver(configure=False)
-    assert server.address is not None
-    host, port = server.address
-    resolver.nameservers = [host]
-    resolver.port = port
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes:
-        try:
-            answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
-        except dns.exception.DNSException:
-            return b""
-        return b"".join(b"".join(r.strings) for r in answer)
-
-    return lookup
 
 
 @pytest.fixture
@@ -173,7 +155,7 @@ async def test_corpus_through_the_gateway(
         return
     assert code == 250, (code, text)
     delivered = sink.messages[0].content
-    assert dkim.verify(delivered, dnsfunc=dnsfunc(zone)), "DKIM signature does not verify"
+    assert dkim.verify(delivered, dnsfunc=txt_lookup(zone)), "DKIM signature does not verify"
     sigs = re.findall(rb"(?m)^DKIM-Signature:.*\ba=([a-z0-9-]+)", delivered)
     assert sorted(sigs) == [b"ed25519-sha256", b"rsa-sha256"]
     body = strip_added(delivered)
@@ -264,7 +246,7 @@ async def test_eight_bit_body_is_converted_before_signing(
         out = seven_bit.messages[0].content
         assert out.isascii()
         assert b"Content-Transfer-Encoding: quoted-printable" in out
-        assert dkim.verify(out, dnsfunc=dnsfunc(zone))
+        assert dkim.verify(out, dnsfunc=txt_lookup(zone))
     finally:
         await gw.close(drain=1)
         await seven_bit.close()

@@ -26,6 +26,7 @@ import selectors
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 import dns.exception
@@ -36,6 +37,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.resolver
 import dns.rrset
 
 __all__ = ["ZoneServer"]
@@ -304,3 +306,23 @@ class ZoneServer:
             truncated = dns.message.make_response(query)
             truncated.flags |= dns.flags.AA | dns.flags.TC
             return truncated.to_wire()
+
+
+def txt_lookup(server: ZoneServer) -> Callable[..., bytes | None]:
+    """A TXT lookup answered by ``server``, in the form of dkimpy's ``dnsfunc`` hook:
+    the record's strings joined, or None when there is none."""
+    assert server.address is not None
+    host, port = server.address
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [host]
+    resolver.port = port
+    resolver.lifetime = 5
+
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode("ascii").rstrip("."), "TXT", lifetime=timeout)
+        except dns.exception.DNSException:
+            return None
+        return b"".join(b"".join(rdata.strings) for rdata in answer)
+
+    return lookup

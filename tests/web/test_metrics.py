@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -264,28 +264,31 @@ def test_every_declared_name_is_a_valid_metric_name() -> None:
 # --- flushing to a real store -------------------------------------------------------------
 
 
-async def test_flush_adds_to_the_store(tmp_path: Path) -> None:
-    store = await SqliteStateStore.open(tmp_path / "state.db")
-    try:
-        m = Metrics()
-        m.inc("attachgate_downloads_total")
-        m.inc("attachgate_auth_total", result="failed")
-        m.inc("attachgate_auth_total", result="failed")
-        await m.flush(store)
-        assert m.pending == {}
-        assert await store.counters() == {
-            "attachgate_downloads_total": 1,
-            'attachgate_auth_total{result="failed"}': 2,
-        }
-        m.inc("attachgate_downloads_total", 4)
-        await m.flush(store)
-        await m.flush(store)  # nothing new: nothing added
-        assert await store.counters() == {
-            "attachgate_downloads_total": 5,
-            'attachgate_auth_total{result="failed"}': 2,
-        }
-    finally:
-        await store.close()
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
+    opened = await SqliteStateStore.open(tmp_path / "state.db")
+    yield opened
+    await opened.close()
+
+
+async def test_flush_adds_to_the_store(store: SqliteStateStore) -> None:
+    m = Metrics()
+    m.inc("attachgate_downloads_total")
+    m.inc("attachgate_auth_total", result="failed")
+    m.inc("attachgate_auth_total", result="failed")
+    await m.flush(store)
+    assert m.pending == {}
+    assert await store.counters() == {
+        "attachgate_downloads_total": 1,
+        'attachgate_auth_total{result="failed"}': 2,
+    }
+    m.inc("attachgate_downloads_total", 4)
+    await m.flush(store)
+    await m.flush(store)  # nothing new: nothing added
+    assert await store.counters() == {
+        "attachgate_downloads_total": 5,
+        'attachgate_auth_total{result="failed"}': 2,
+    }
 
 
 async def test_failed_flush_keeps_the_counts_for_the_next_try(tmp_path: Path) -> None:
@@ -380,17 +383,13 @@ async def test_counts_made_during_a_flush_are_kept(tmp_path: Path, fail: bool) -
         await store.close()
 
 
-async def test_concurrent_flushes_add_each_count_once(tmp_path: Path) -> None:
-    store = await SqliteStateStore.open(tmp_path / "state.db")
-    try:
-        m = Metrics()
-        for _ in range(50):
-            m.inc("attachgate_downloads_total")
-            await asyncio.gather(m.flush(store), m.flush(store))
-        assert await store.counters() == {"attachgate_downloads_total": 50}
-        assert m.pending == {}
-    finally:
-        await store.close()
+async def test_concurrent_flushes_add_each_count_once(store: SqliteStateStore) -> None:
+    m = Metrics()
+    for _ in range(50):
+        m.inc("attachgate_downloads_total")
+        await asyncio.gather(m.flush(store), m.flush(store))
+    assert await store.counters() == {"attachgate_downloads_total": 50}
+    assert m.pending == {}
 
 
 async def wait_for_counters(store: SqliteStateStore, wanted: dict[str, int]) -> None:
@@ -399,32 +398,30 @@ async def wait_for_counters(store: SqliteStateStore, wanted: dict[str, int]) -> 
             await asyncio.sleep(0.01)
 
 
-async def test_run_flushes_periodically_and_once_more_when_cancelled(tmp_path: Path) -> None:
-    store = await SqliteStateStore.open(tmp_path / "state.db")
-    try:
-        m = Metrics()
-        runner = asyncio.create_task(m.run(store, interval=0.01))
-        m.inc("attachgate_downloads_total")
-        await wait_for_counters(store, {"attachgate_downloads_total": 1})
-        m.inc("attachgate_downloads_total", 2)
-        await wait_for_counters(store, {"attachgate_downloads_total": 3})
-        runner.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await runner
-        # Long interval: only the flush at cancellation can bring this count in.
-        runner = asyncio.create_task(m.run(store, interval=3600))
-        await asyncio.sleep(0)
-        m.inc("attachgate_landing_views_total", 4)
-        runner.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await runner
-        assert m.pending == {}
-        assert await store.counters() == {
-            "attachgate_downloads_total": 3,
-            "attachgate_landing_views_total": 4,
-        }
-    finally:
-        await store.close()
+async def test_run_flushes_periodically_and_once_more_when_cancelled(
+    store: SqliteStateStore,
+) -> None:
+    m = Metrics()
+    runner = asyncio.create_task(m.run(store, interval=0.01))
+    m.inc("attachgate_downloads_total")
+    await wait_for_counters(store, {"attachgate_downloads_total": 1})
+    m.inc("attachgate_downloads_total", 2)
+    await wait_for_counters(store, {"attachgate_downloads_total": 3})
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    # Long interval: only the flush at cancellation can bring this count in.
+    runner = asyncio.create_task(m.run(store, interval=3600))
+    await asyncio.sleep(0)
+    m.inc("attachgate_landing_views_total", 4)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    assert m.pending == {}
+    assert await store.counters() == {
+        "attachgate_downloads_total": 3,
+        "attachgate_landing_views_total": 4,
+    }
 
 
 async def test_run_survives_an_unavailable_store(
